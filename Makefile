@@ -1,0 +1,40 @@
+# Each target does all of its own set-up on a fresh machine: it creates .venv, installs the
+# project into it, then runs.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export OMP_NUM_THREADS ?= 1
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
+DEMO_DIR ?= demo_data
+
+.PHONY: demo test bench env clean
+
+env: $(STAMP)
+
+$(STAMP): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip setuptools wheel
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+# The main job on the embedded default: synthesise a small audio QA set as real audio files,
+# convert it to shards, verify them, and read them back with stock webdataset.
+demo: $(STAMP)
+	$(BIN)/gama-ds synth --out $(DEMO_DIR) --clips 200 --test-clips 40
+	$(BIN)/gama-ds convert $(DEMO_DIR)/train.json --out $(DEMO_DIR)/shards/train --shard-samples 50 --overwrite
+	$(BIN)/gama-ds convert $(DEMO_DIR)/test.json --out $(DEMO_DIR)/shards/test --order input --overwrite
+	$(BIN)/gama-ds verify $(DEMO_DIR)/shards/train
+	$(BIN)/gama-ds verify $(DEMO_DIR)/shards/test
+	$(BIN)/python bench/peek.py $(DEMO_DIR)/shards/train
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+bench: $(STAMP)
+	$(BIN)/python bench/feature_path.py
+	$(BIN)/python bench/convert_scaling.py
+	$(BIN)/python bench/storage.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .torch_extensions bench_out

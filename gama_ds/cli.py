@@ -1,0 +1,131 @@
+"""The `gama-ds` command: one subcommand per user flow, each a thin shell over the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+
+from . import __version__
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+
+def parse_size(text: str) -> int:
+    """'256MB' -> 256e6, '1GiB' -> 2**30, '4096' -> 4096."""
+    m = _SIZE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 256MB, 1GiB or a byte count)")
+    number, unit = float(m.group(1)), (m.group(2) or "").lower()
+    base = unit[:1] if unit[:1] in "kmgt" else ""
+    scale = 1024 ** "_kmgt".index(base) if unit.endswith("ib") and base else _UNITS[base]
+    return int(number * scale)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _add_convert(sub) -> None:
+    from .data.convert import ConvertOptions
+
+    d = ConvertOptions()
+    p = sub.add_parser("convert", help="JSON/JSONL QA records -> tar shards of fbank features")
+    p.add_argument("inputs", nargs="+", help="GAMA/LTU JSON, {audio,question,answer} JSON(L), or eval JSON files")
+    p.add_argument("--out", required=True, help="output directory for shards, index.json and rejects.jsonl")
+    p.add_argument("--audio-root", help="base for relative audio paths (default: each JSON file's folder)")
+    p.add_argument("--shard-size", type=parse_size, default=d.shard_bytes,
+                   help="roll over to a new shard before this size (default 256MiB)")
+    p.add_argument("--shard-samples", type=_positive_int, help="at most this many clips per shard")
+    p.add_argument("--workers", type=_positive_int, help="feature processes (default: all cores)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the clip order (default 0)")
+    p.add_argument("--order", choices=("shuffle", "input"), default=d.order,
+                   help="shuffle: sorted then seeded shuffle (default); input: first-seen order")
+    p.add_argument("--backend", choices=("auto", "torchaudio", "transformers"), default=d.backend,
+                   help="fbank implementation (auto: torchaudio when it imports)")
+    p.add_argument("--max-reject-fraction", type=float, default=d.max_reject_fraction,
+                   help="exit 1 when more than this fraction of QA pairs is rejected (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="delete a previous conversion in --out first")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _convert(args) -> int:
+    from .data.convert import ConvertOptions, convert, summary
+
+    options = ConvertOptions(
+        shard_samples=args.shard_samples,
+        shard_bytes=args.shard_size,
+        seed=args.seed,
+        order=args.order,
+        backend=args.backend,
+        audio_root=args.audio_root,
+        max_reject_fraction=args.max_reject_fraction,
+    )
+    result = convert(args.inputs, args.out, options, workers=args.workers, overwrite=args.overwrite,
+                     progress=not args.no_progress)
+    print(summary(result), file=sys.stderr)
+    return 1 if result.failed else 0
+
+
+def _add_verify(sub) -> None:
+    p = sub.add_parser("verify", help="recheck a shard directory against its index.json")
+    p.add_argument("dir")
+    p.add_argument("--workers", type=_positive_int, default=1, help="shards checked in parallel")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _verify(args) -> int:
+    from .data.shards import verify
+
+    problems, seen = verify(args.dir, workers=args.workers, progress=not args.json)
+    if args.json:
+        print(json.dumps({"ok": not problems, "problems": problems, **seen}, indent=1))
+    elif problems:
+        print(f"{args.dir}: {len(problems)} problem(s)", file=sys.stderr)
+        for line in problems:
+            print(f"  {line}", file=sys.stderr)
+    else:
+        print(f"{args.dir}: OK, {seen['shards']} shard(s), {seen['samples']} samples", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def _add_synth(sub) -> None:
+    p = sub.add_parser("synth", help="write a small synthetic audio QA set (audio files + JSON)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--clips", type=_positive_int, default=200, help="training clips (default 200)")
+    p.add_argument("--test-clips", type=int, default=40, help="held-out clips (default 40)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _synth(args) -> int:
+    from .synth import synthesize
+
+    paths = synthesize(args.out, args.clips, args.test_clips, args.seed)
+    print(json.dumps(paths))
+    return 0
+
+
+COMMANDS = {"convert": (_add_convert, _convert), "verify": (_add_verify, _verify), "synth": (_add_synth, _synth)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gama-ds", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"gama_ds {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add, _ in COMMANDS.values():
+        add(sub)
+    args = parser.parse_args(argv)
+    from .data.convert import ConvertError
+    from .data.formats import InputError
+    from .data.shards import ShardError
+
+    try:
+        return COMMANDS[args.command][1](args)
+    except (ConvertError, InputError, ShardError, ValueError) as err:
+        print(f"gama-ds {args.command}: error: {err}", file=sys.stderr)
+        return 2

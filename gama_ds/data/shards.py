@@ -1,0 +1,228 @@
+"""The shard format: index reading, safe sample decoding and verification.
+
+A shard is a plain tar; each sample is `<key>.fbank.npy` (float16 [n_frames, 128], written
+without pickle) and `<key>.json` (clip metadata and its QA list). `index.json` beside the
+shards lists every shard with its counts, size and sha256. docs/FORMAT.md is the spec.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..audio import NUM_MEL_BINS, TARGET_FRAMES
+from .pool import ordered_map
+
+INDEX = "index.json"
+REJECTS = "rejects.jsonl"
+FORMAT = "gama_ds.shards"
+FORMAT_VERSION = 1
+FBANK = "fbank.npy"
+META = "json"
+MEMBERS = (FBANK, META)
+SHARD_PATTERN = re.compile(r"^shard-\d{6}\.tar$")
+QA_FIELDS = ("instruction", "input", "output", "dataset", "task")
+# webdataset's rule: the key is the member path up to the first dot of its base name.
+_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
+
+
+class ShardError(ValueError):
+    """A shard or sample that does not match the format; the message names where."""
+
+
+@dataclass
+class Sample:
+    key: str
+    fbank: np.ndarray  # float16 [n_frames, 128], unpadded
+    meta: dict
+
+
+def sha256_file(path: str, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:06d}.tar"
+
+
+def read_index(root: str) -> dict:
+    path = os.path.join(root, INDEX)
+    try:
+        with open(path, encoding="utf-8") as f:
+            index = json.load(f)
+    except FileNotFoundError:
+        raise ShardError(f"{path}: no index; is {root} a gama-ds convert output?") from None
+    except (OSError, json.JSONDecodeError) as err:
+        raise ShardError(f"{path}: unreadable index: {err}") from err
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        raise ShardError(f"{path}: not a {FORMAT} index")
+    if index.get("format_version") != FORMAT_VERSION:
+        raise ShardError(
+            f"{path}: format version {index.get('format_version')}, this gama_ds reads {FORMAT_VERSION}"
+        )
+    for i, entry in enumerate(index.get("shards", [])):
+        missing = [k for k in ("file", "samples", "qa_pairs", "bytes", "sha256") if k not in entry]
+        if missing:
+            raise ShardError(f"{path}: shards[{i}] lacks {', '.join(missing)}")
+    return index
+
+
+def encode_sample(fbank: np.ndarray, meta: dict) -> dict[str, bytes]:
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.ascontiguousarray(fbank, dtype=np.float16), allow_pickle=False)
+    text = json.dumps(meta, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    return {FBANK: buf.getvalue(), META: text.encode("utf-8")}
+
+
+def decode_sample(key: str, members: dict[str, bytes], where: str) -> Sample:
+    """Check and decode one sample's members; never unpickles. `where` names the shard."""
+    at = f"{where}: sample {key!r}"
+    missing = [m for m in MEMBERS if m not in members]
+    if missing:
+        raise ShardError(f"{at}: missing {', '.join(missing)}")
+    extra = sorted(set(members) - set(MEMBERS))
+    if extra:
+        raise ShardError(f"{at}: unexpected member(s) {', '.join(extra)}")
+    try:
+        fbank = np.load(io.BytesIO(members[FBANK]), allow_pickle=False)
+    except ValueError as err:
+        raise ShardError(f"{at}: {FBANK} is not a plain .npy array: {err}") from err
+    if fbank.dtype != np.float16 or fbank.ndim != 2 or fbank.shape[1] != NUM_MEL_BINS:
+        raise ShardError(
+            f"{at}: {FBANK} is {fbank.dtype} {list(fbank.shape)}, expected float16 [n, {NUM_MEL_BINS}]"
+        )
+    if not 1 <= fbank.shape[0] <= TARGET_FRAMES:
+        raise ShardError(f"{at}: {fbank.shape[0]} frames, expected 1..{TARGET_FRAMES}")
+    if not np.isfinite(fbank).all():
+        raise ShardError(f"{at}: {FBANK} holds NaN or inf")
+    try:
+        meta = json.loads(members[META].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ShardError(f"{at}: {META} is not valid JSON: {err}") from err
+    if not isinstance(meta, dict):
+        raise ShardError(f"{at}: {META} is not an object")
+    if meta.get("n_frames") != fbank.shape[0]:
+        raise ShardError(f"{at}: n_frames {meta.get('n_frames')} but {FBANK} has {fbank.shape[0]} rows")
+    qa = meta.get("qa")
+    if not isinstance(qa, list) or not qa:
+        raise ShardError(f"{at}: no QA pairs")
+    for j, pair in enumerate(qa):
+        if not isinstance(pair, dict) or not all(isinstance(pair.get(f), str) for f in QA_FIELDS):
+            raise ShardError(f"{at}: qa[{j}] lacks one of {', '.join(QA_FIELDS)} as text")
+    return Sample(key, fbank, meta)
+
+
+def iter_members(path: str):
+    """Yield (key, {ext: bytes}) per sample in tar order, streaming, raising ShardError.
+
+    Members of one sample are adjacent, as webdataset requires; a key seen again later is
+    yielded again so callers can report duplicates.
+    """
+    name = os.path.basename(path)
+    key, members = None, {}
+    try:
+        with tarfile.open(path, "r|") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                m = _KEY_EXT.match(info.name)
+                if m is None:
+                    raise ShardError(f"{name}: member {info.name!r} has no <key>.<ext> name")
+                k, ext = m.groups()
+                if k != key:
+                    if key is not None:
+                        yield key, members
+                    key, members = k, {}
+                if ext in members:
+                    raise ShardError(f"{name}: sample {k!r} has {ext} twice")
+                members[ext] = tar.extractfile(info).read()
+    except tarfile.TarError as err:
+        raise ShardError(f"{name}: unreadable tar after sample {key!r}: {err}") from err
+    if key is not None:
+        yield key, members
+
+
+def iter_samples(path: str):
+    name = os.path.basename(path)
+    for key, members in iter_members(path):
+        yield decode_sample(key, members, name)
+
+
+def verify_shard(root: str, entry: dict) -> tuple[list[str], list[str]]:
+    """Check one shard against its index entry. Returns (problems, keys seen)."""
+    name = entry["file"]
+    path = os.path.join(root, name)
+    if not os.path.isfile(path):
+        return [f"{name}: listed in the index but missing"], []
+    problems = []
+    size = os.path.getsize(path)
+    if size != entry["bytes"]:
+        problems.append(f"{name}: {size} bytes, index says {entry['bytes']}")
+    digest = sha256_file(path)
+    if digest != entry["sha256"]:
+        problems.append(f"{name}: sha256 {digest[:16]}..., index says {entry['sha256'][:16]}...")
+    keys, samples, qa_pairs = [], 0, 0
+    try:
+        for key, members in iter_members(path):
+            keys.append(key)
+            try:
+                sample = decode_sample(key, members, name)
+            except ShardError as err:
+                problems.append(str(err))
+                continue
+            samples += 1
+            qa_pairs += len(sample.meta["qa"])
+    except ShardError as err:
+        problems.append(str(err))
+    if samples != entry["samples"] or len(keys) != entry["samples"]:
+        problems.append(f"{name}: {len(keys)} samples ({samples} valid), index says {entry['samples']}")
+    if qa_pairs != entry["qa_pairs"]:
+        problems.append(f"{name}: {qa_pairs} QA pairs in valid samples, index says {entry['qa_pairs']}")
+    return problems, keys
+
+
+def verify(root: str, workers: int = 1, progress: bool = False) -> tuple[list[str], dict]:
+    """Check a shard directory against its index. Returns (problems, totals seen)."""
+    index = read_index(root)
+    entries = index["shards"]
+    problems: list[str] = []
+    listed = {e["file"] for e in entries}
+    for name in sorted(os.listdir(root)):
+        if SHARD_PATTERN.match(name) and name not in listed:
+            problems.append(f"{name}: shard file not listed in {INDEX}")
+    totals = index.get("totals", {})
+    for field_, key in (("shards", None), ("samples", "samples"), ("qa_pairs", "qa_pairs"), ("bytes", "bytes")):
+        want = len(entries) if key is None else sum(e[key] for e in entries)
+        if totals.get(field_) != want:
+            problems.append(f"{INDEX}: totals.{field_} is {totals.get(field_)}, the shard entries add up to {want}")
+    from tqdm import tqdm
+
+    seen: dict[str, str] = {}
+    samples = 0
+    jobs = [(root, e) for e in entries]
+    with ordered_map(_verify_entry, jobs, min(workers, len(jobs))) as results:
+        bar = tqdm(results, total=len(jobs), unit="shard", desc="verify", disable=not progress)
+        for entry, (shard_problems, keys) in zip(entries, bar):
+            problems.extend(shard_problems)
+            samples += len(keys)
+            for key in keys:
+                if key in seen:
+                    problems.append(f"{entry['file']}: sample {key!r} duplicates a key in {seen[key]}")
+                else:
+                    seen[key] = entry["file"]
+    return problems, {"shards": len(entries), "samples": samples}
+
+
+def _verify_entry(args: tuple[str, dict]):
+    return verify_shard(*args)
