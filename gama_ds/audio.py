@@ -112,19 +112,26 @@ def resolve_backend(name: str = "auto") -> str:
     return name
 
 
-def resample(wav: np.ndarray, sr: int, backend: str) -> np.ndarray:
-    if sr == SAMPLE_RATE:
-        return wav
+def first_channel_16k(wav: np.ndarray, sr: int, backend: str) -> np.ndarray:
+    """Resample [C, N] to 16 kHz, subtract the mean over all channels, keep channel 0.
+
+    The torchaudio path runs in torch, as the reference does, so that even float32 rounding
+    matches it.
+    """
     if backend == "torchaudio":
         import torch
         import torchaudio.functional
 
-        out = torchaudio.functional.resample(torch.from_numpy(wav), sr, SAMPLE_RATE)
-        return out.numpy()
-    from scipy.signal import resample_poly
+        w = torch.from_numpy(wav)
+        if sr != SAMPLE_RATE:
+            w = torchaudio.functional.resample(w, sr, SAMPLE_RATE)
+        return (w - w.mean())[0].contiguous().numpy()
+    if sr != SAMPLE_RATE:
+        from scipy.signal import resample_poly
 
-    g = math.gcd(sr, SAMPLE_RATE)
-    return resample_poly(wav, SAMPLE_RATE // g, sr // g, axis=-1).astype(np.float32)
+        g = math.gcd(sr, SAMPLE_RATE)
+        wav = resample_poly(wav, SAMPLE_RATE // g, sr // g, axis=-1).astype(np.float32)
+    return np.ascontiguousarray((wav - wav.mean())[0])
 
 
 def _fbank_torchaudio(signal: np.ndarray) -> np.ndarray:
@@ -194,9 +201,7 @@ def fbank_from_waveform(wav: np.ndarray, sr: int, backend: str = "auto") -> tupl
     the clip was cut.
     """
     backend = resolve_backend(backend)
-    wav = resample(np.asarray(wav, dtype=np.float32), sr, backend)
-    wav = wav - wav.mean()
-    signal = np.ascontiguousarray(wav[0])
+    signal = first_channel_16k(np.ascontiguousarray(wav, dtype=np.float32), sr, backend)
     total = 1 + (signal.shape[0] - FRAME_LENGTH) // FRAME_SHIFT if signal.shape[0] >= FRAME_LENGTH else 0
     if total < 1:
         raise AudioError(

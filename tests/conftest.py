@@ -1,0 +1,74 @@
+"""Shared fixtures: real audio files written with soundfile, and small QA sets over them."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import soundfile
+
+
+def tone_mix(seconds: float, sr: int, channels: int = 1, seed: int = 0) -> np.ndarray:
+    """A tone plus noise, different in every channel, shaped [samples, channels]."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sr)) / sr
+    cols = []
+    for c in range(channels):
+        f = 300.0 * (c + 1) + 50 * seed
+        cols.append(0.4 * np.sin(2 * np.pi * f * t) + 0.05 * rng.standard_normal(t.size) + 0.02 * (c + 1))
+    return np.stack(cols, axis=1).astype(np.float32)
+
+
+def write_audio(path, seconds=1.5, sr=16000, channels=1, subtype="PCM_16", seed=0, fmt=None) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    soundfile.write(path, tone_mix(seconds, sr, channels, seed), sr, subtype=subtype, format=fmt)
+    return str(path)
+
+
+def write_json(path, rows) -> str:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(rows, f)
+    return str(path)
+
+
+def write_jsonl(path, rows) -> str:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+    return str(path)
+
+
+# (file name, seconds, sample rate, channels, subtype): every reader path a user's data takes.
+CLIPS = [
+    ("a.wav", 1.2, 16000, 1, "PCM_16"),
+    ("b.wav", 2.0, 8000, 1, "PCM_U8"),
+    ("c.wav", 1.5, 22050, 2, "PCM_24"),
+    ("d.wav", 0.9, 44100, 1, "FLOAT"),
+    ("e.flac", 1.7, 48000, 2, "PCM_16"),
+    ("f.ogg", 1.3, 44100, 1, "VORBIS"),
+    ("g.mp3", 1.4, 16000, 1, "MPEG_LAYER_III"),
+    ("h.wav", 11.0, 16000, 1, "PCM_16"),
+]
+
+
+@pytest.fixture
+def qa_set(tmp_path):
+    """Eight real clips and two input files (GAMA JSON and audio-QA JSONL) sharing clips."""
+    root = tmp_path / "data"
+    for i, (name, sec, sr, ch, subtype) in enumerate(CLIPS):
+        write_audio(root / "audio" / name, sec, sr, ch, subtype, seed=i)
+    gama = []
+    for i, (name, *_rest) in enumerate(CLIPS):
+        for q in range(1 + i % 3):
+            gama.append({"audio_id": f"audio/{name}", "instruction": f"q{q} about {name}?", "input": "",
+                         "output": f"answer {q}", "dataset": "unit", "task": "cla"})
+    aqa = [{"audio": "audio/a.wav", "question": "What is it?", "answer": "a tone"},
+           {"audio": "audio/f.ogg", "question": "Is it loud?", "answer": "no"}]
+    return {
+        "root": root,
+        "gama": write_json(root / "train.json", gama),
+        "aqa": write_jsonl(root / "extra.jsonl", aqa),
+        "qa_pairs": len(gama) + len(aqa),
+    }
