@@ -24,7 +24,17 @@ import webdataset as wds
 from .. import __version__, audio
 from .formats import Clip, Reject, group_by_clip, read_inputs
 from .pool import ordered_map
-from .shards import FORMAT, FORMAT_VERSION, INDEX, REJECTS, SHARD_PATTERN, encode_sample, sha256_file, shard_name
+from .shards import (
+    FORMAT,
+    FORMAT_VERSION,
+    INDEX,
+    REJECTS,
+    SHARD_FIELDS,
+    SHARD_PATTERN,
+    encode_sample,
+    sha256_file,
+    shard_name,
+)
 
 PROGRESS = ".progress.jsonl"
 TAR_BLOCK = 512
@@ -167,13 +177,8 @@ class _ShardSink:
         self.file.close()
         tmp, final = self._path(tmp=True), self._path(tmp=False)
         os.replace(tmp, final)
-        entry = {
-            "file": os.path.basename(final),
-            "samples": self.samples,
-            "qa_pairs": self.qa_pairs,
-            "bytes": os.path.getsize(final),
-            "sha256": sha256_file(final),
-        }
+        values = (os.path.basename(final), self.samples, self.qa_pairs, os.path.getsize(final), sha256_file(final))
+        entry = dict(zip(SHARD_FIELDS, values))
         self.on_shard(entry, next_clip)
         self.writer = self.file = None
         self.samples = self.qa_pairs = self.size = 0
@@ -218,6 +223,7 @@ def _read_progress(out: str, plan: str) -> tuple[list[dict], list[dict]] | None:
         )
         if not valid:
             break
+        entry["shard"] = {k: shard[k] for k in SHARD_FIELDS}  # the index's field order
         kept.append(entry)
         rejects.extend(entry["rejects"])
     return kept, rejects

@@ -29,6 +29,7 @@ META = "json"
 MEMBERS = (FBANK, META)
 SHARD_PATTERN = re.compile(r"^shard-\d{6}\.tar$")
 QA_FIELDS = ("instruction", "input", "output", "dataset", "task")
+SHARD_FIELDS = ("file", "samples", "qa_pairs", "bytes", "sha256")  # one index entry, in order
 # webdataset's rule: the key is the member path up to the first dot of its base name.
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 
@@ -72,7 +73,7 @@ def read_index(root: str) -> dict:
             f"{path}: format version {index.get('format_version')}, this gama_ds reads {FORMAT_VERSION}"
         )
     for i, entry in enumerate(index.get("shards", [])):
-        missing = [k for k in ("file", "samples", "qa_pairs", "bytes", "sha256") if k not in entry]
+        missing = [k for k in SHARD_FIELDS if k not in entry]
         if missing:
             raise ShardError(f"{path}: shards[{i}] lacks {', '.join(missing)}")
     return index
