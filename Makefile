@@ -26,7 +26,7 @@ demo: $(STAMP)
 	$(BIN)/gama-ds convert $(DEMO_DIR)/test.json --out $(DEMO_DIR)/shards/test --order input --overwrite
 	$(BIN)/gama-ds verify $(DEMO_DIR)/shards/train
 	$(BIN)/gama-ds verify $(DEMO_DIR)/shards/test
-	$(BIN)/python bench/peek.py $(DEMO_DIR)/shards/train
+	$(BIN)/gama-ds show $(DEMO_DIR)/shards/train -n 3
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

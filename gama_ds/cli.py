@@ -94,6 +94,35 @@ def _verify(args) -> int:
     return 1 if problems else 0
 
 
+def _add_show(sub) -> None:
+    p = sub.add_parser("show", help="print a shard set's totals and its first samples")
+    p.add_argument("dir")
+    p.add_argument("-n", type=int, default=3, help="samples to print (default 3)")
+
+
+def _show(args) -> int:
+    import os
+
+    from .data.shards import iter_samples, read_index
+
+    index = read_index(args.dir)
+    t = index["totals"]
+    print(f"{args.dir}: {t['samples']} clips, {t['qa_pairs']} QA pairs, {t['shards']} shard(s), "
+          f"{t['bytes'] / 2**20:.1f} MiB, features by {index['features']['backend']}")
+    shown = 0
+    for entry in index["shards"]:
+        for sample in iter_samples(os.path.join(args.dir, entry["file"])):
+            if shown >= args.n:
+                return 0
+            m = sample.meta
+            print(f"- {entry['file']} {sample.key}: {m['audio']} {m['duration']:.2f}s "
+                  f"{m['sample_rate']}Hz -> fbank {list(sample.fbank.shape)} {sample.fbank.dtype}")
+            for qa in m["qa"]:
+                print(f"    Q: {qa['instruction']}  A: {qa['output']}")
+            shown += 1
+    return 0
+
+
 def _add_synth(sub) -> None:
     p = sub.add_parser("synth", help="write a small synthetic audio QA set (audio files + JSON)")
     p.add_argument("--out", required=True)
@@ -110,7 +139,12 @@ def _synth(args) -> int:
     return 0
 
 
-COMMANDS = {"convert": (_add_convert, _convert), "verify": (_add_verify, _verify), "synth": (_add_synth, _synth)}
+COMMANDS = {
+    "convert": (_add_convert, _convert),
+    "verify": (_add_verify, _verify),
+    "show": (_add_show, _show),
+    "synth": (_add_synth, _synth),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
