@@ -235,15 +235,14 @@ def load_features(src: str | os.PathLike | bytes, backend: str = "auto") -> tupl
 def pad_features(feats, target: int = TARGET_FRAMES):
     """Pad (or cut) [n, 128] features to [target, 128] float32 with the normalised pad value.
 
-    Accepts numpy arrays or torch tensors and returns the same kind.
+    Accepts numpy arrays or torch tensors of any float dtype and returns the same kind. The
+    float16 -> float32 copy runs in torch, several times faster than numpy's.
     """
-    n = min(feats.shape[0], target)
-    if isinstance(feats, np.ndarray):
-        out = np.full((target, feats.shape[1]), PAD_VALUE, dtype=np.float32)
-        out[:n] = feats[:n]
-        return out
     import torch
 
-    out = torch.full((target, feats.shape[1]), PAD_VALUE, dtype=torch.float32)
-    out[:n] = feats[:n]
-    return out
+    src = torch.as_tensor(feats)
+    n = min(src.shape[0], target)
+    out = torch.empty((target, src.shape[1]), dtype=torch.float32)
+    out[:n].copy_(src[:n])
+    out[n:].fill_(PAD_VALUE)
+    return out if isinstance(feats, torch.Tensor) else out.numpy()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 
@@ -15,7 +16,8 @@ from gama_ds.data.shards import read_index
 
 
 def test_module_and_console_script_both_run():
-    for cmd in ([sys.executable, "-m", "gama_ds", "--version"], ["gama-ds", "--version"]):
+    script = os.path.join(os.path.dirname(sys.executable), "gama-ds")  # installed beside this python
+    for cmd in ([sys.executable, "-m", "gama_ds", "--version"], [script, "--version"]):
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=120)
         assert out.stdout.strip() == f"gama_ds {__version__}"
 

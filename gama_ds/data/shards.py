@@ -10,10 +10,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import tarfile
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -86,6 +88,34 @@ def encode_sample(fbank: np.ndarray, meta: dict) -> dict[str, bytes]:
     return {FBANK: buf.getvalue(), META: text.encode("utf-8")}
 
 
+@lru_cache(maxsize=4096)
+def _npy_header(header: bytes) -> tuple[tuple, bool, np.dtype]:
+    f = io.BytesIO(header)
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return read(f)
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    """np.load without pickle, with the header parse memoised.
+
+    numpy parses every header with ast.literal_eval, which costs as much as the rest of a
+    sample's decoding; clips of equal length share one header, so each is parsed once.
+    """
+    if data[:6] != b"\x93NUMPY" or len(data) < 12:
+        raise ValueError("no .npy magic")
+    wide = data[6] >= 2  # versions 2 and 3 have a 4-byte header length
+    start = 12 + int.from_bytes(data[8:12], "little") if wide else 10 + int.from_bytes(data[8:10], "little")
+    shape, fortran, dtype = _npy_header(bytes(data[:start]))
+    if dtype.hasobject:
+        raise ValueError("object arrays would need unpickling; refused")
+    count = math.prod(shape)
+    if len(data) - start != count * dtype.itemsize:
+        raise ValueError(f"{len(data) - start} data bytes for shape {shape} of {dtype}")
+    flat = np.frombuffer(data, dtype=dtype, count=count, offset=start)
+    return flat.reshape(shape, order="F" if fortran else "C").copy()
+
+
 def decode_sample(key: str, members: dict[str, bytes], where: str) -> Sample:
     """Check and decode one sample's members; never unpickles. `where` names the shard."""
     at = f"{where}: sample {key!r}"
@@ -96,7 +126,7 @@ def decode_sample(key: str, members: dict[str, bytes], where: str) -> Sample:
     if extra:
         raise ShardError(f"{at}: unexpected member(s) {', '.join(extra)}")
     try:
-        fbank = np.load(io.BytesIO(members[FBANK]), allow_pickle=False)
+        fbank = load_npy(members[FBANK])
     except ValueError as err:
         raise ShardError(f"{at}: {FBANK} is not a plain .npy array: {err}") from err
     if fbank.dtype != np.float16 or fbank.ndim != 2 or fbank.shape[1] != NUM_MEL_BINS:
@@ -105,7 +135,8 @@ def decode_sample(key: str, members: dict[str, bytes], where: str) -> Sample:
         )
     if not 1 <= fbank.shape[0] <= TARGET_FRAMES:
         raise ShardError(f"{at}: {fbank.shape[0]} frames, expected 1..{TARGET_FRAMES}")
-    if not np.isfinite(fbank).all():
+    # An all-ones float16 exponent is inf or NaN; the integer test is 20x faster than isfinite.
+    if np.bitwise_and(fbank.view(np.uint16), 0x7C00).max() == 0x7C00:
         raise ShardError(f"{at}: {FBANK} holds NaN or inf")
     try:
         meta = json.loads(members[META].decode("utf-8"))
@@ -133,7 +164,7 @@ def iter_members(path: str):
     name = os.path.basename(path)
     key, members = None, {}
     try:
-        with tarfile.open(path, "r|") as tar:
+        with open(path, "rb", buffering=1 << 20) as f, tarfile.open(fileobj=f, mode="r|") as tar:
             for info in tar:
                 if not info.isfile():
                     continue
