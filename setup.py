@@ -9,7 +9,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["gama_ds", "gama_ds.*"]),
     include_package_data=True,
-    # Pinned to a set that installs and imports together (docs/ENVIRONMENT.md). torch and
+    # Pinned to a set that installs and imports together (see README). torch and
     # torchaudio are a matching pair; a local build such as 2.11.0+cu126 satisfies the pin.
     install_requires=[
         "torch==2.11.0",
