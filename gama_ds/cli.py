@@ -75,14 +75,15 @@ def _convert(args) -> int:
 def _add_verify(sub) -> None:
     p = sub.add_parser("verify", help="recheck a shard directory against its index.json")
     p.add_argument("dir")
-    p.add_argument("--workers", type=_positive_int, default=1, help="shards checked in parallel")
+    p.add_argument("--workers", type=_positive_int, help="shards checked in parallel (default: all cores)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
 def _verify(args) -> int:
+    from .data.pool import default_workers
     from .data.shards import verify
 
-    problems, seen = verify(args.dir, workers=args.workers, progress=not args.json)
+    problems, seen = verify(args.dir, workers=args.workers or default_workers(), progress=not args.json)
     if args.json:
         print(json.dumps({"ok": not problems, "problems": problems, **seen}, indent=1))
     elif problems:

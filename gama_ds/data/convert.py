@@ -23,7 +23,7 @@ import webdataset as wds
 
 from .. import __version__, audio
 from .formats import Clip, Reject, group_by_clip, read_inputs
-from .pool import ordered_map
+from .pool import default_workers, ordered_map
 from .shards import (
     FORMAT,
     FORMAT_VERSION,
@@ -31,7 +31,10 @@ from .shards import (
     REJECTS,
     SHARD_FIELDS,
     SHARD_PATTERN,
-    encode_sample,
+    FBANK,
+    META,
+    encode_features,
+    encode_meta,
     sha256_file,
     shard_name,
 )
@@ -89,10 +92,6 @@ class ConvertResult:
         return self.rejected_fraction > self.max_reject_fraction
 
 
-def default_workers() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def order_clips(clips: list[Clip], options: ConvertOptions) -> list[Clip]:
     if options.order == "input":
         return list(clips)
@@ -113,7 +112,7 @@ def _featurize(job: tuple[str, str]):
         feats, info = audio.load_features(path, backend)
     except audio.AudioError as err:
         return None, (err.reason, err.detail)
-    return feats.astype(np.float16), info
+    return encode_features(feats), info
 
 
 def _single_thread() -> None:
@@ -248,6 +247,9 @@ def convert(
 
     records, record_rejects = read_inputs(inputs, options.audio_root)
     clips = order_clips(group_by_clip(records), options)
+    keys = [clip_key(c) for c in clips]
+    if len(set(keys)) != len(keys):
+        raise ConvertError("two audio paths hash to the same sample key; please report this as a bug")
     input_files = [{"file": p, "sha256": sha256_file(p)} for p in inputs]
     recorded = {k: v for k, v in asdict(options).items() if k != "max_reject_fraction"}
     plan = hashlib.sha256(
@@ -300,7 +302,7 @@ def convert(
     sink = _ShardSink(out, len(kept), options, on_shard)
     jobs = [(c.path, backend) for c in clips[start_clip:]]
     bar = tqdm(total=len(clips), initial=start_clip, unit="clip", desc="convert", disable=not progress)
-    with ordered_map(_featurize, jobs, workers, chunksize=4, initializer=_single_thread) as results:
+    with ordered_map(_featurize, jobs, workers, initializer=_single_thread) as results:
         for i, (feats, info) in enumerate(results, start=start_clip):
             clip = clips[i]
             if feats is None:
@@ -319,7 +321,7 @@ def convert(
                     "truncated": info.truncated,
                     "qa": clip.qa,
                 }
-                sink.add(clip_key(clip), encode_sample(feats, meta), len(clip.qa), i)
+                sink.add(keys[i], {FBANK: feats, META: encode_meta(meta)}, len(clip.qa), i)
             bar.update(1)
             bar.set_postfix(rejects=len(record_rejects) + len(clip_rejects) + len(pending), refresh=False)
     bar.close()

@@ -81,11 +81,18 @@ def read_index(root: str) -> dict:
     return index
 
 
-def encode_sample(fbank: np.ndarray, meta: dict) -> dict[str, bytes]:
+def encode_features(fbank: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.lib.format.write_array(buf, np.ascontiguousarray(fbank, dtype=np.float16), allow_pickle=False)
-    text = json.dumps(meta, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
-    return {FBANK: buf.getvalue(), META: text.encode("utf-8")}
+    return buf.getvalue()
+
+
+def encode_meta(meta: dict) -> bytes:
+    return json.dumps(meta, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def encode_sample(fbank: np.ndarray, meta: dict) -> dict[str, bytes]:
+    return {FBANK: encode_features(fbank), META: encode_meta(meta)}
 
 
 @lru_cache(maxsize=4096)
@@ -243,7 +250,7 @@ def verify(root: str, workers: int = 1, progress: bool = False) -> tuple[list[st
     seen: dict[str, str] = {}
     samples = 0
     jobs = [(root, e) for e in entries]
-    with ordered_map(_verify_entry, jobs, min(workers, len(jobs))) as results:
+    with ordered_map(_verify_entry, jobs, min(workers, len(jobs)), window=len(jobs)) as results:
         bar = tqdm(results, total=len(jobs), unit="shard", desc="verify", disable=not progress)
         for entry, (shard_problems, keys) in zip(entries, bar):
             problems.extend(shard_problems)
