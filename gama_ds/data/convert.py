@@ -85,6 +85,8 @@ class ConvertResult:
     kept_shards: int = 0  # shards found complete and reused from an interrupted run
     already_done: bool = False
     elapsed: float = 0.0
+    first_clip: float = 0.0  # seconds until the first clip came back (reading inputs, worker start-up)
+    clips_done: int = 0  # clips processed by this run
     max_reject_fraction: float = 0.0
 
     @property
@@ -302,8 +304,11 @@ def convert(
     sink = _ShardSink(out, len(kept), options, on_shard)
     jobs = [(c.path, backend) for c in clips[start_clip:]]
     bar = tqdm(total=len(clips), initial=start_clip, unit="clip", desc="convert", disable=not progress)
+    first_clip = 0.0
     with ordered_map(_featurize, jobs, workers, initializer=_single_thread) as results:
         for i, (feats, info) in enumerate(results, start=start_clip):
+            if i == start_clip:
+                first_clip = time.perf_counter() - started
             clip = clips[i]
             if feats is None:
                 reason, detail = info
@@ -361,6 +366,8 @@ def convert(
         _fraction(index, total_qa),
         kept_shards=len(kept),
         elapsed=time.perf_counter() - started,
+        first_clip=first_clip,
+        clips_done=len(clips) - start_clip,
         max_reject_fraction=options.max_reject_fraction,
     )
 
@@ -406,10 +413,13 @@ def summary(result: ConvertResult) -> str:
     by_reason: dict[str, int] = {}
     for r in result.rejects:
         by_reason[r["reason"]] = by_reason.get(r["reason"], 0) + r["qa_pairs"]
+    speed = ""
+    if result.clips_done > 1 and result.elapsed > result.first_clip:
+        rate = (result.clips_done - 1) / (result.elapsed - result.first_clip)
+        speed = f", {result.elapsed:.1f}s ({rate:.1f} clips/s after {result.first_clip:.1f}s start-up)"
     lines = [
         f"{t['samples']} clips, {t['qa_pairs']} QA pairs in {t['shards']} shard(s), "
-        f"{t['bytes'] / 2**20:.1f} MiB, backend {result.index['features']['backend']}"
-        + (f", {result.elapsed:.1f}s" if not result.already_done else ""),
+        f"{t['bytes'] / 2**20:.1f} MiB, backend {result.index['features']['backend']}" + speed,
         f"rejected: {t['rejected_qa_pairs']} QA pairs ({100 * result.rejected_fraction:.2f}%)"
         + "".join(f"\n  {reason}: {n}" for reason, n in sorted(by_reason.items())),
     ]
