@@ -30,9 +30,16 @@ def write_gama_json(path: str, audio_paths: list[str], qa_per_clip) -> str:
     rows = []
     for i, audio in enumerate(audio_paths):
         for q in range(qa_per_clip(i)):
-            rows.append({"audio_id": audio, "instruction": f"Question {q} about this sound?",
-                         "input": "", "output": f"An answer of ordinary length, number {q}.",
-                         "dataset": "bench", "task": "open"})
+            rows.append(
+                {
+                    "audio_id": audio,
+                    "instruction": f"Question {q} about this sound?",
+                    "input": "",
+                    "output": f"An answer of ordinary length, number {q}.",
+                    "dataset": "bench",
+                    "task": "open",
+                }
+            )
     with open(path, "w") as f:
         json.dump(rows, f)
     return path
@@ -50,4 +57,5 @@ def interleaved(runs: dict, repeats: int) -> dict[str, float]:
 
 
 def machine() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}"
+    python = f"{platform.python_implementation()} {platform.python_version()}"
+    return f"{platform.machine()}, {os.cpu_count()} cores, {python}"

@@ -14,7 +14,6 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import interleaved, machine, write_clips, write_gama_json  # noqa: E402
-
 from gama_ds.data.convert import ConvertOptions, convert  # noqa: E402
 
 
@@ -30,18 +29,29 @@ def main(n: int = 480, repeats: int = 2) -> None:
             def go():
                 out = os.path.join(tmp, f"out{workers}")
                 shutil.rmtree(out, ignore_errors=True)
-                r = convert([src], out, ConvertOptions(shard_samples=16), workers=workers, progress=False,
-                            log=lambda m: None)
+                r = convert(
+                    [src],
+                    out,
+                    ConvertOptions(shard_samples=16),
+                    workers=workers,
+                    progress=False,
+                    log=lambda m: None,
+                )
                 steady[name].append((r.clips_done - 1) / (r.elapsed - r.first_clip))
+
             return go
 
         t = interleaved({"1 worker": run(1, "1 worker"), "2 workers": run(2, "2 workers")}, repeats)
         rate = {name: statistics.median(v) for name, v in steady.items()}
         for name, secs in t.items():
-            print(f"  {name}: {n / secs:6.1f} clips/s overall ({secs:.2f} s), "
-                  f"{rate[name]:6.1f} clips/s after the first clip")
-        print(f"  scaling 2 vs 1 workers: {t['1 worker'] / t['2 workers']:.2f}x overall, "
-              f"{rate['2 workers'] / rate['1 worker']:.2f}x after start-up")
+            print(
+                f"  {name}: {n / secs:6.1f} clips/s overall ({secs:.2f} s), "
+                f"{rate[name]:6.1f} clips/s after the first clip"
+            )
+        print(
+            f"  scaling 2 vs 1 workers: {t['1 worker'] / t['2 workers']:.2f}x overall, "
+            f"{rate['2 workers'] / rate['1 worker']:.2f}x after start-up"
+        )
 
 
 if __name__ == "__main__":

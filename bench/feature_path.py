@@ -20,7 +20,6 @@ from torchaudio.compliance import kaldi
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import interleaved, machine, write_clips, write_gama_json  # noqa: E402
-
 from gama_ds.audio import pad_features  # noqa: E402
 from gama_ds.data.convert import ConvertOptions, convert  # noqa: E402
 from gama_ds.data.shards import iter_samples, read_index  # noqa: E402
@@ -32,10 +31,29 @@ def reference_item(path: str) -> torch.Tensor:
     if sr != 16000:
         waveform = torchaudio.functional.resample(waveform, orig_freq=sr, new_freq=16000)
     waveform = waveform - waveform.mean()
-    fbank = kaldi.fbank(waveform, htk_compat=True, sample_frequency=16000, use_energy=False,
-                        window_type="hanning", num_mel_bins=128, dither=0.0, frame_shift=10)
+    fbank = kaldi.fbank(
+        waveform,
+        htk_compat=True,
+        sample_frequency=16000,
+        use_energy=False,
+        window_type="hanning",
+        num_mel_bins=128,
+        dither=0.0,
+        frame_shift=10,
+    )
     fbank = torch.nn.ZeroPad2d((0, 0, 0, max(0, 1024 - fbank.shape[0])))(fbank)[:1024]
     return (fbank + 5.081) / 4.4849
+
+
+def ours(shards: list[str]) -> None:
+    for path in shards:
+        for sample in iter_samples(path):
+            pad_features(torch.from_numpy(sample.fbank))
+
+
+def reference(clips: list[str]) -> None:
+    for path in clips:
+        reference_item(path)
 
 
 def main(n: int = 64, repeats: int = 5) -> None:
@@ -49,19 +67,14 @@ def main(n: int = 64, repeats: int = 5) -> None:
             convert([src], out, ConvertOptions(), workers=1, progress=False, log=lambda m: None)
             shards = [os.path.join(out, e["file"]) for e in read_index(out)["shards"]]
 
-            def ours():
-                for path in shards:
-                    for sample in iter_samples(path):
-                        pad_features(torch.from_numpy(sample.fbank))
-
-            def reference():
-                for path in clips:
-                    reference_item(path)
-
-            t = interleaved({"shards": ours, "reference": reference}, repeats)
+            t = interleaved(
+                {"shards": lambda s=shards: ours(s), "reference": lambda c=clips: reference(c)}, repeats
+            )
             ratio = t["reference"] / t["shards"]
-            print(f"  {sr} Hz {ext}: shards {n / t['shards']:8.1f} samples/s | reference "
-                  f"{n / t['reference']:7.1f} samples/s | ratio {ratio:5.1f}x")
+            print(
+                f"  {sr} Hz {ext}: shards {n / t['shards']:8.1f} samples/s | reference "
+                f"{n / t['reference']:7.1f} samples/s | ratio {ratio:5.1f}x"
+            )
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ import webdataset as wds
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine, write_clips, write_gama_json  # noqa: E402
-
 from gama_ds.data.convert import ConvertOptions, convert  # noqa: E402
 from gama_ds.data.shards import encode_sample, iter_samples, read_index  # noqa: E402
 
@@ -48,8 +47,10 @@ def main(n: int = 100) -> None:
         print(f"  one sample per clip : {per_clip / qa / 1024:7.1f} KiB per QA pair")
         print(f"  one sample per QA   : {per_qa / qa / 1024:7.1f} KiB per QA pair")
         print(f"  padded fp32 per QA  : {padded_fp32 / 1024:7.1f} KiB per QA pair (features only)")
-        print(f"  ratio per-QA / per-clip: {per_qa / per_clip:.2f}x; padded fp32 / per-clip: "
-              f"{padded_fp32 * qa / per_clip:.2f}x")
+        print(
+            f"  ratio per-QA / per-clip: {per_qa / per_clip:.2f}x; padded fp32 / per-clip: "
+            f"{padded_fp32 * qa / per_clip:.2f}x"
+        )
         print("  " + json.dumps({"qa_pairs": qa, "per_clip_bytes": per_clip, "per_qa_bytes": per_qa}))
 
 

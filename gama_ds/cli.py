@@ -36,20 +36,38 @@ def _add_convert(sub) -> None:
 
     d = ConvertOptions()
     p = sub.add_parser("convert", help="JSON/JSONL QA records -> tar shards of fbank features")
-    p.add_argument("inputs", nargs="+", help="GAMA/LTU JSON, {audio,question,answer} JSON(L), or eval JSON files")
+    p.add_argument(
+        "inputs", nargs="+", help="GAMA/LTU JSON, {audio,question,answer} JSON(L), or eval JSON files"
+    )
     p.add_argument("--out", required=True, help="output directory for shards, index.json and rejects.jsonl")
     p.add_argument("--audio-root", help="base for relative audio paths (default: each JSON file's folder)")
-    p.add_argument("--shard-size", type=parse_size, default=d.shard_bytes,
-                   help="roll over to a new shard before this size (default 256MiB)")
+    p.add_argument(
+        "--shard-size",
+        type=parse_size,
+        default=d.shard_bytes,
+        help="roll over to a new shard before this size (default 256MiB)",
+    )
     p.add_argument("--shard-samples", type=_positive_int, help="at most this many clips per shard")
     p.add_argument("--workers", type=_positive_int, help="feature processes (default: all cores)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the clip order (default 0)")
-    p.add_argument("--order", choices=("shuffle", "input"), default=d.order,
-                   help="shuffle: sorted then seeded shuffle (default); input: first-seen order")
-    p.add_argument("--backend", choices=("auto", "torchaudio", "transformers"), default=d.backend,
-                   help="fbank implementation (auto: torchaudio when it imports)")
-    p.add_argument("--max-reject-fraction", type=float, default=d.max_reject_fraction,
-                   help="exit 1 when more than this fraction of QA pairs is rejected (default 0)")
+    p.add_argument(
+        "--order",
+        choices=("shuffle", "input"),
+        default=d.order,
+        help="shuffle: sorted then seeded shuffle (default); input: first-seen order",
+    )
+    p.add_argument(
+        "--backend",
+        choices=("auto", "torchaudio", "transformers"),
+        default=d.backend,
+        help="fbank implementation (auto: torchaudio when it imports)",
+    )
+    p.add_argument(
+        "--max-reject-fraction",
+        type=float,
+        default=d.max_reject_fraction,
+        help="exit 1 when more than this fraction of QA pairs is rejected (default 0)",
+    )
     p.add_argument("--overwrite", action="store_true", help="delete a previous conversion in --out first")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -66,8 +84,14 @@ def _convert(args) -> int:
         audio_root=args.audio_root,
         max_reject_fraction=args.max_reject_fraction,
     )
-    result = convert(args.inputs, args.out, options, workers=args.workers, overwrite=args.overwrite,
-                     progress=not args.no_progress)
+    result = convert(
+        args.inputs,
+        args.out,
+        options,
+        workers=args.workers,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
     print(summary(result), file=sys.stderr)
     return 1 if result.failed else 0
 
@@ -108,16 +132,20 @@ def _show(args) -> int:
 
     index = read_index(args.dir)
     t = index["totals"]
-    print(f"{args.dir}: {t['samples']} clips, {t['qa_pairs']} QA pairs, {t['shards']} shard(s), "
-          f"{t['bytes'] / 2**20:.1f} MiB, features by {index['features']['backend']}")
+    print(
+        f"{args.dir}: {t['samples']} clips, {t['qa_pairs']} QA pairs, {t['shards']} shard(s), "
+        f"{t['bytes'] / 2**20:.1f} MiB, features by {index['features']['backend']}"
+    )
     shown = 0
     for entry in index["shards"]:
         for sample in iter_samples(os.path.join(args.dir, entry["file"])):
             if shown >= args.n:
                 return 0
             m = sample.meta
-            print(f"- {entry['file']} {sample.key}: {m['audio']} {m['duration']:.2f}s "
-                  f"{m['sample_rate']}Hz -> fbank {list(sample.fbank.shape)} {sample.fbank.dtype}")
+            print(
+                f"- {entry['file']} {sample.key}: {m['audio']} {m['duration']:.2f}s "
+                f"{m['sample_rate']}Hz -> fbank {list(sample.fbank.shape)} {sample.fbank.dtype}"
+            )
             for qa in m["qa"]:
                 print(f"    Q: {qa['instruction']}  A: {qa['output']}")
             shown += 1

@@ -90,14 +90,25 @@ def synthesize(out: str, clips: int = 200, test_clips: int = 40, seed: int = 0) 
             for task, forms in QUESTIONS.items():
                 question = forms[int(rng.integers(len(forms)))]
                 train.append(
-                    {"audio_id": rel, "instruction": question, "input": "", "output": ans[task],
-                     "dataset": "synth", "task": task}
+                    {
+                        "audio_id": rel,
+                        "instruction": question,
+                        "input": "",
+                        "output": ans[task],
+                        "dataset": "synth",
+                        "task": task,
+                    }
                 )
         else:
             test.append(
-                {"audio_id": rel, "dataset": "synth",
-                 "instruction_output": [{"instruction": forms[0], "output": ans[task], "task": task}
-                                        for task, forms in QUESTIONS.items()]}
+                {
+                    "audio_id": rel,
+                    "dataset": "synth",
+                    "instruction_output": [
+                        {"instruction": forms[0], "output": ans[task], "task": task}
+                        for task, forms in QUESTIONS.items()
+                    ],
+                }
             )
     paths = {"train": os.path.join(out, "train.json"), "test": os.path.join(out, "test.json")}
     for name, rows in (("train", train), ("test", test)):

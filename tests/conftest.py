@@ -62,10 +62,20 @@ def qa_set(tmp_path):
     gama = []
     for i, (name, *_rest) in enumerate(CLIPS):
         for q in range(1 + i % 3):
-            gama.append({"audio_id": f"audio/{name}", "instruction": f"q{q} about {name}?", "input": "",
-                         "output": f"answer {q}", "dataset": "unit", "task": "cla"})
-    aqa = [{"audio": "audio/a.wav", "question": "What is it?", "answer": "a tone"},
-           {"audio": "audio/f.ogg", "question": "Is it loud?", "answer": "no"}]
+            gama.append(
+                {
+                    "audio_id": f"audio/{name}",
+                    "instruction": f"q{q} about {name}?",
+                    "input": "",
+                    "output": f"answer {q}",
+                    "dataset": "unit",
+                    "task": "cla",
+                }
+            )
+    aqa = [
+        {"audio": "audio/a.wav", "question": "What is it?", "answer": "a tone"},
+        {"audio": "audio/f.ogg", "question": "Is it loud?", "answer": "no"},
+    ]
     return {
         "root": root,
         "gama": write_json(root / "train.json", gama),

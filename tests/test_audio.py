@@ -9,8 +9,8 @@ import torch
 import torchaudio.functional
 from torchaudio.compliance import kaldi
 
-from gama_ds import audio
 from conftest import CLIPS, tone_mix, write_audio
+from gama_ds import audio
 
 
 def reference_features(path) -> np.ndarray:
@@ -20,8 +20,16 @@ def reference_features(path) -> np.ndarray:
     if sr != 16000:
         waveform = torchaudio.functional.resample(waveform, orig_freq=sr, new_freq=16000)
     waveform = waveform - waveform.mean()
-    fbank = kaldi.fbank(waveform, htk_compat=True, sample_frequency=16000, use_energy=False,
-                        window_type="hanning", num_mel_bins=128, dither=0.0, frame_shift=10)
+    fbank = kaldi.fbank(
+        waveform,
+        htk_compat=True,
+        sample_frequency=16000,
+        use_energy=False,
+        window_type="hanning",
+        num_mel_bins=128,
+        dither=0.0,
+        frame_shift=10,
+    )
     return ((fbank[:1024] + 5.081) / 4.4849).numpy()
 
 
@@ -76,7 +84,7 @@ def test_padding_uses_the_normalised_zero(tmp_path):
     for padded in (audio.pad_features(feats), audio.pad_features(torch.from_numpy(feats)).numpy()):
         assert padded.shape == (1024, 128) and padded.dtype == np.float32
         np.testing.assert_array_equal(padded[: len(feats)], feats)
-        assert (padded[len(feats):] == np.float32(audio.PAD_VALUE)).all()
+        assert (padded[len(feats) :] == np.float32(audio.PAD_VALUE)).all()
 
 
 @pytest.mark.parametrize(

@@ -22,8 +22,9 @@ def test_module_and_console_script_both_run():
         assert out.stdout.strip() == f"gama_ds {__version__}"
 
 
-@pytest.mark.parametrize("text,value", [("4096", 4096), ("256MB", 256 * 10**6), ("1GiB", 2**30),
-                                        ("1.5k", 1500), ("64KiB", 65536)])
+@pytest.mark.parametrize(
+    "text,value", [("4096", 4096), ("256MB", 256 * 10**6), ("1GiB", 2**30), ("1.5k", 1500), ("64KiB", 65536)]
+)
 def test_sizes_parse(text, value):
     assert parse_size(text) == value
 
@@ -31,8 +32,10 @@ def test_sizes_parse(text, value):
 def test_bad_sizes_and_counts_are_refused_by_the_parser(capsys):
     with pytest.raises(argparse.ArgumentTypeError):
         parse_size("lots")
-    for argv in (["convert", "x.json", "--out", "o", "--workers", "0"],
-                 ["convert", "x.json", "--out", "o", "--shard-size", "big"]):
+    for argv in (
+        ["convert", "x.json", "--out", "o", "--workers", "0"],
+        ["convert", "x.json", "--out", "o", "--shard-size", "big"],
+    ):
         with pytest.raises(SystemExit) as exit_:
             main(argv)
         assert exit_.value.code == 2
@@ -47,15 +50,24 @@ def test_an_unreadable_input_is_a_clear_error(tmp_path, capsys):
 
 
 def test_synth_convert_verify_show(tmp_path, capsys):
-    assert main(["synth", "--out", str(tmp_path / "d"), "--clips", "6", "--test-clips", "2", "--seed", "1"]) == 0
+    assert (
+        main(["synth", "--out", str(tmp_path / "d"), "--clips", "6", "--test-clips", "2", "--seed", "1"]) == 0
+    )
     paths = json.loads(capsys.readouterr().out)
     train = json.load(open(paths["train"]))
     assert len(train) == 24 and {r["task"] for r in train} == {"count", "pitch", "kind", "loudness"}
     out = str(tmp_path / "shards")
-    assert main(["convert", paths["train"], paths["test"], "--out", out, "--workers", "1", "--no-progress"]) == 0
-    assert read_index(out)["totals"] == {"shards": 1, "samples": 8, "qa_pairs": 32, "bytes":
-                                         read_index(out)["totals"]["bytes"], "rejected_qa_pairs": 0,
-                                         "rejected_records": 0}
+    assert (
+        main(["convert", paths["train"], paths["test"], "--out", out, "--workers", "1", "--no-progress"]) == 0
+    )
+    assert read_index(out)["totals"] == {
+        "shards": 1,
+        "samples": 8,
+        "qa_pairs": 32,
+        "bytes": read_index(out)["totals"]["bytes"],
+        "rejected_qa_pairs": 0,
+        "rejected_records": 0,
+    }
     assert main(["verify", out]) == 0
     capsys.readouterr()
     assert main(["show", out, "-n", "1"]) == 0

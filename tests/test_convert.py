@@ -15,15 +15,17 @@ import pytest
 import soundfile
 import webdataset as wds
 
+from conftest import CLIPS, write_audio, write_json, write_jsonl
 from gama_ds import audio
 from gama_ds.cli import main
 from gama_ds.data.convert import PROGRESS, ConvertError, ConvertOptions, convert
 from gama_ds.data.shards import iter_samples, read_index
-from conftest import CLIPS, write_audio, write_json, write_jsonl
 
 
 def run(inputs, out, workers=1, **opts):
-    return convert(inputs, str(out), ConvertOptions(**opts), workers=workers, progress=False, log=lambda m: None)
+    return convert(
+        inputs, str(out), ConvertOptions(**opts), workers=workers, progress=False, log=lambda m: None
+    )
 
 
 def shard_paths(out):
@@ -53,7 +55,9 @@ def test_one_sample_per_clip_holds_all_its_qa_pairs_and_exact_features(qa_set, t
         feats, info = audio.load_features(qa_set["root"] / "audio" / name)
         np.testing.assert_array_equal(sample.fbank, feats.astype(np.float16))
         assert sample.meta["sample_rate"] == sr and sample.meta["channels"] == channels
-        assert sample.meta["n_frames"] == len(feats) and sample.meta["duration"] == pytest.approx(seconds, abs=1e-3)
+        assert sample.meta["n_frames"] == len(feats) and sample.meta["duration"] == pytest.approx(
+            seconds, abs=1e-3
+        )
         assert sample.meta["truncated"] == (seconds > 10.24)
         assert sample.meta["path"] == os.path.realpath(qa_set["root"] / "audio" / name)
     assert [s["samples"] for s in result.index["shards"]] == [3, 3, 2]
@@ -63,7 +67,10 @@ def test_one_sample_per_clip_holds_all_its_qa_pairs_and_exact_features(qa_set, t
 def test_index_records_recipe_backend_and_provenance(qa_set, tmp_path):
     index = run([qa_set["gama"]], tmp_path / "out").index
     assert index["features"]["backend"] == "torchaudio"
-    assert index["features"]["fbank"]["num_mel_bins"] == 128 and index["features"]["pad_value"] == audio.PAD_VALUE
+    assert (
+        index["features"]["fbank"]["num_mel_bins"] == 128
+        and index["features"]["pad_value"] == audio.PAD_VALUE
+    )
     prov = index["provenance"]
     assert [i["file"] for i in prov["inputs"]] == [qa_set["gama"]]
     assert len(prov["inputs"][0]["sha256"]) == 64 and "torchaudio" in prov["libraries"]
@@ -111,8 +118,10 @@ def test_every_reject_reason_is_reported_and_valid_clips_are_kept(tmp_path):
     (root / "corrupt.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunkjunk" * 10)
     soundfile.write(root / "empty.wav", np.zeros(0, dtype=np.float32), 16000)
     soundfile.write(root / "short.wav", np.zeros(200, dtype=np.float32), 16000)
-    rows = [{"audio": n, "question": "Q?", "answer": "A"} for n in
-            ("good.wav", "missing.wav", "corrupt.wav", "empty.wav", "short.wav", "short.wav")]
+    rows = [
+        {"audio": n, "question": "Q?", "answer": "A"}
+        for n in ("good.wav", "missing.wav", "corrupt.wav", "empty.wav", "short.wav", "short.wav")
+    ]
     rows.append({"audio": "good.wav", "question": "Q?"})
     path = write_jsonl(root / "in.jsonl", rows)
     out = tmp_path / "out"
@@ -132,8 +141,22 @@ def test_every_reject_reason_is_reported_and_valid_clips_are_kept(tmp_path):
     assert [s.meta["audio"] for s in all_samples(out)] == ["good.wav"]
     index = read_index(str(out))
     assert index["totals"]["rejected_qa_pairs"] == 6 and index["totals"]["qa_pairs"] == 1
-    assert main(["convert", path, "--out", str(out), "--workers", "1", "--no-progress",
-                 "--max-reject-fraction", "0.9"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                path,
+                "--out",
+                str(out),
+                "--workers",
+                "1",
+                "--no-progress",
+                "--max-reject-fraction",
+                "0.9",
+            ]
+        )
+        == 0
+    )
 
 
 def test_rerun_is_a_no_op_and_other_options_need_overwrite(qa_set, tmp_path):
@@ -144,13 +167,19 @@ def test_rerun_is_a_no_op_and_other_options_need_overwrite(qa_set, tmp_path):
     assert {n: os.stat(out / n).st_mtime_ns for n in os.listdir(out)} == before
     with pytest.raises(ConvertError, match="other inputs or options"):
         run([qa_set["gama"]], out, seed=1)
-    result = convert([qa_set["gama"]], str(out), ConvertOptions(seed=1), workers=1, overwrite=True, progress=False)
+    result = convert(
+        [qa_set["gama"]], str(out), ConvertOptions(seed=1), workers=1, overwrite=True, progress=False
+    )
     assert not result.already_done and result.index["provenance"]["options"]["seed"] == 1
 
 
 def test_option_values_are_checked_before_work(qa_set, tmp_path):
-    for bad, match in (({"shard_samples": 0}, "--shard-samples"), ({"shard_bytes": 10}, "--shard-size"),
-                       ({"max_reject_fraction": 2.0}, "--max-reject-fraction"), ({"backend": "x"}, "backend")):
+    for bad, match in (
+        ({"shard_samples": 0}, "--shard-samples"),
+        ({"shard_bytes": 10}, "--shard-size"),
+        ({"max_reject_fraction": 2.0}, "--max-reject-fraction"),
+        ({"backend": "x"}, "backend"),
+    ):
         with pytest.raises(ValueError, match=match):
             run([qa_set["gama"]], tmp_path / "out", **bad)
     assert not (tmp_path / "out").exists()
@@ -176,14 +205,30 @@ def test_killed_conversion_resumes_to_identical_output(tmp_path):
     out = tmp_path / "out"
 
     def command(dest):
-        return [sys.executable, "-m", "gama_ds", "convert", path, "--out", str(dest), "--order", "input",
-                "--shard-samples", "2", "--workers", "1", "--no-progress"]
+        return [
+            sys.executable,
+            "-m",
+            "gama_ds",
+            "convert",
+            path,
+            "--out",
+            str(dest),
+            "--order",
+            "input",
+            "--shard-samples",
+            "2",
+            "--workers",
+            "1",
+            "--no-progress",
+        ]
 
     proc = subprocess.Popen(command(out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
+
         def finished_shards():
             p = out / PROGRESS
             return p.exists() and sum('"shard"' in line for line in open(p)) >= 2
+
         _wait_for(finished_shards, 120, "two finished shards")
         _wait_for(lambda: (out / "shard-000002.tar.tmp").exists(), 30, "the third shard to start")
     finally:

@@ -6,47 +6,82 @@ import os
 
 import pytest
 
-from gama_ds.data.formats import InputError, group_by_clip, read_inputs
 from conftest import write_json, write_jsonl
+from gama_ds.data.formats import InputError, group_by_clip, read_inputs
 
 
 def test_gama_records_default_optional_fields_and_keep_extras(tmp_path):
-    path = write_json(tmp_path / "g.json", [
-        {"audio_id": "x.wav", "instruction": "What?", "output": "A dog."},
-        {"audio_id": "x.wav", "instruction": "Where?", "input": "ctx", "output": "Park.",
-         "dataset": "as", "task": "open", "id": 7},
-    ])
+    path = write_json(
+        tmp_path / "g.json",
+        [
+            {"audio_id": "x.wav", "instruction": "What?", "output": "A dog."},
+            {
+                "audio_id": "x.wav",
+                "instruction": "Where?",
+                "input": "ctx",
+                "output": "Park.",
+                "dataset": "as",
+                "task": "open",
+                "id": 7,
+            },
+        ],
+    )
     records, rejects = read_inputs([path])
     assert rejects == []
     first, second = (r.qa[0] for r in records)
-    assert first == {"instruction": "What?", "input": "", "output": "A dog.", "dataset": "", "task": "",
-                     "source": f"{path}[0]"}
+    assert first == {
+        "instruction": "What?",
+        "input": "",
+        "output": "A dog.",
+        "dataset": "",
+        "task": "",
+        "source": f"{path}[0]",
+    }
     assert second["input"] == "ctx" and second["dataset"] == "as" and second["extra"] == {"id": 7}
     assert records[0].path == os.path.realpath(tmp_path / "x.wav")
 
 
 @pytest.mark.parametrize("writer", [write_jsonl, write_json], ids=["jsonl", "json-list"])
 def test_audio_question_answer_records(tmp_path, writer):
-    path = writer(tmp_path / "q.jsonl", [{"audio": "a.wav", "question": "Q1", "answer": "A1"},
-                                         {"audio": "b.wav", "question": "Q2", "answer": "A2", "task": "t"}])
+    path = writer(
+        tmp_path / "q.jsonl",
+        [
+            {"audio": "a.wav", "question": "Q1", "answer": "A1"},
+            {"audio": "b.wav", "question": "Q2", "answer": "A2", "task": "t"},
+        ],
+    )
     records, rejects = read_inputs([path])
     assert not rejects
     assert [(r.audio, r.qa[0]["instruction"], r.qa[0]["output"], r.qa[0]["task"]) for r in records] == [
-        ("a.wav", "Q1", "A1", ""), ("b.wav", "Q2", "A2", "t")]
+        ("a.wav", "Q1", "A1", ""),
+        ("b.wav", "Q2", "A2", "t"),
+    ]
     expected = f"{path}:2" if writer is write_jsonl else f"{path}[1]"
     assert records[1].source == expected
 
 
 def test_eval_records_expand_every_pair(tmp_path):
-    path = write_json(tmp_path / "e.json", [{
-        "audio_id": "c.wav", "dataset": "compa-r", "caption": "rain", "timestamp_events": "[0-1] rain",
-        "instruction_output": [{"instruction": "I1", "output": "O1"},
-                               {"instruction": "I2", "output": "O2", "task": "reasoning"}],
-    }])
+    path = write_json(
+        tmp_path / "e.json",
+        [
+            {
+                "audio_id": "c.wav",
+                "dataset": "compa-r",
+                "caption": "rain",
+                "timestamp_events": "[0-1] rain",
+                "instruction_output": [
+                    {"instruction": "I1", "output": "O1"},
+                    {"instruction": "I2", "output": "O2", "task": "reasoning"},
+                ],
+            }
+        ],
+    )
     (record,), rejects = read_inputs([path])
     assert not rejects
     assert [(q["instruction"], q["output"], q["dataset"], q["task"]) for q in record.qa] == [
-        ("I1", "O1", "compa-r", ""), ("I2", "O2", "compa-r", "reasoning")]
+        ("I1", "O1", "compa-r", ""),
+        ("I2", "O2", "compa-r", "reasoning"),
+    ]
     assert record.qa[1]["source"] == f"{path}[0] instruction_output[1]"
     assert record.qa[0]["extra"] == {"caption": "rain", "timestamp_events": "[0-1] rain"}
 
@@ -54,26 +89,36 @@ def test_eval_records_expand_every_pair(tmp_path):
 def test_relative_paths_resolve_against_audio_root_or_the_json_folder(tmp_path):
     sub = tmp_path / "lists"
     sub.mkdir()
-    path = write_json(sub / "g.json", [{"audio_id": "clips/a.wav", "instruction": "Q", "output": "A"},
-                                       {"audio_id": "/abs/b.wav", "instruction": "Q", "output": "A"}])
+    path = write_json(
+        sub / "g.json",
+        [
+            {"audio_id": "clips/a.wav", "instruction": "Q", "output": "A"},
+            {"audio_id": "/abs/b.wav", "instruction": "Q", "output": "A"},
+        ],
+    )
     rel, absolute = read_inputs([path])[0]
     assert rel.path == os.path.realpath(sub / "clips/a.wav") and absolute.path == "/abs/b.wav"
     rooted = read_inputs([path], audio_root=str(tmp_path / "root"))[0]
-    assert rooted[0].path == os.path.realpath(tmp_path / "root/clips/a.wav") and rooted[1].path == "/abs/b.wav"
+    assert (
+        rooted[0].path == os.path.realpath(tmp_path / "root/clips/a.wav") and rooted[1].path == "/abs/b.wav"
+    )
 
 
 def test_bad_records_are_rejected_with_file_line_and_field(tmp_path):
-    path = write_jsonl(tmp_path / "bad.jsonl", [
-        {"audio": "a.wav", "question": "Q", "answer": "A"},
-        {"audio": "a.wav", "question": "Q"},
-        '{"audio": "a.wav", "question": ',
-        {"audio_id": "a.wav", "instruction": "Q", "output": 3},
-        {"audio": "a.wav", "audio_id": "a.wav", "question": "Q", "answer": "A"},
-        {"question": "Q", "answer": "A"},
-        ["not", "an", "object"],
-        {"audio_id": "a.wav", "instruction": "   ", "output": "A"},
-        {"audio_id": "a.wav", "instruction_output": [{"instruction": "Q"}]},
-    ])
+    path = write_jsonl(
+        tmp_path / "bad.jsonl",
+        [
+            {"audio": "a.wav", "question": "Q", "answer": "A"},
+            {"audio": "a.wav", "question": "Q"},
+            '{"audio": "a.wav", "question": ',
+            {"audio_id": "a.wav", "instruction": "Q", "output": 3},
+            {"audio": "a.wav", "audio_id": "a.wav", "question": "Q", "answer": "A"},
+            {"question": "Q", "answer": "A"},
+            ["not", "an", "object"],
+            {"audio_id": "a.wav", "instruction": "   ", "output": "A"},
+            {"audio_id": "a.wav", "instruction_output": [{"instruction": "Q"}]},
+        ],
+    )
     records, rejects = read_inputs([path])
     assert len(records) == 1
     got = {r.source: r.detail for r in rejects}
@@ -107,9 +152,18 @@ def test_an_empty_file_is_an_error(tmp_path):
 
 
 def test_qa_pairs_group_by_clip_across_files_and_spellings(tmp_path):
-    first = write_json(tmp_path / "a.json", [{"audio_id": "a.wav", "instruction": "Q1", "output": "A1"},
-                                              {"audio_id": "b.wav", "instruction": "Q2", "output": "A2"}])
-    second = write_jsonl(tmp_path / "b.jsonl", [{"audio": "./sub/../a.wav", "question": "Q3", "answer": "A3"}])
+    first = write_json(
+        tmp_path / "a.json",
+        [
+            {"audio_id": "a.wav", "instruction": "Q1", "output": "A1"},
+            {"audio_id": "b.wav", "instruction": "Q2", "output": "A2"},
+        ],
+    )
+    second = write_jsonl(
+        tmp_path / "b.jsonl", [{"audio": "./sub/../a.wav", "question": "Q3", "answer": "A3"}]
+    )
     clips = group_by_clip(read_inputs([first, second])[0])
     assert [(os.path.basename(c.path), [q["instruction"] for q in c.qa]) for c in clips] == [
-        ("a.wav", ["Q1", "Q3"]), ("b.wav", ["Q2"])]
+        ("a.wav", ["Q1", "Q3"]),
+        ("b.wav", ["Q2"]),
+    ]

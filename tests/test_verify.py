@@ -31,12 +31,14 @@ def edit_index(out, change):
 
 def reseal(out, name):
     """Make the index agree with a rewritten shard, so only the fault under test remains."""
+
     def change(index):
         entry = next(e for e in index["shards"] if e["file"] == name)
         delta = os.path.getsize(out / name) - entry["bytes"]
         entry["bytes"] += delta
         entry["sha256"] = sha256_file(out / name)
         index["totals"]["bytes"] += delta
+
     edit_index(out, change)
 
 
@@ -96,6 +98,7 @@ def test_a_count_mismatch_is_caught(shard_set):
     def change(index):
         index["shards"][0]["samples"] += 1
         index["totals"]["samples"] += 1
+
     edit_index(shard_set, change)
     problems, _ = verify(str(shard_set))
     assert problems == ["shard-000000.tar: 3 samples (3 valid), index says 4"]
@@ -111,6 +114,7 @@ def test_duplicate_keys_and_unlisted_shards_are_caught(shard_set):
         for field in ("samples", "qa_pairs", "bytes"):
             index["totals"][field] += index["shards"][0][field]
         index["totals"]["shards"] += 1
+
     edit_index(shard_set, change)
     problems, _ = verify(str(shard_set), workers=2)
     assert len(problems) == 3 and all("duplicates a key in shard-000000.tar" in p for p in problems)
@@ -128,16 +132,27 @@ def test_pickled_features_are_refused_without_unpickling(shard_set):
     reseal(shard_set, "shard-000001.tar")
     problems, _ = verify(str(shard_set))
     assert f"sample {npy.split('.')[0]!r}: fbank.npy is not a plain .npy array" in problems[0]
-    assert problems[1:] == ["shard-000001.tar: 3 samples (2 valid), index says 3",
-                            "shard-000001.tar: 2 QA pairs in valid samples, index says 5"]
+    assert problems[1:] == [
+        "shard-000001.tar: 3 samples (2 valid), index says 3",
+        "shard-000001.tar: 2 QA pairs in valid samples, index says 5",
+    ]
 
 
 def test_wrong_dtype_and_frame_count_are_named(shard_set):
-    ok = {"fbank.npy": None, "json": json.dumps({"n_frames": 5, "qa": [
-        {"instruction": "q", "input": "", "output": "a", "dataset": "", "task": ""}]}).encode()}
-    for array, match in ((np.zeros((5, 128), np.float32), "float32 \\[5, 128\\], expected float16"),
-                         (np.zeros((4, 128), np.float16), "n_frames 5 but fbank.npy has 4 rows"),
-                         (np.full((5, 128), np.nan, np.float16), "NaN or inf")):
+    ok = {
+        "fbank.npy": None,
+        "json": json.dumps(
+            {
+                "n_frames": 5,
+                "qa": [{"instruction": "q", "input": "", "output": "a", "dataset": "", "task": ""}],
+            }
+        ).encode(),
+    }
+    for array, match in (
+        (np.zeros((5, 128), np.float32), "float32 \\[5, 128\\], expected float16"),
+        (np.zeros((4, 128), np.float16), "n_frames 5 but fbank.npy has 4 rows"),
+        (np.full((5, 128), np.nan, np.float16), "NaN or inf"),
+    ):
         buf = io.BytesIO()
         np.save(buf, array)
         with pytest.raises(ShardError, match=match):

@@ -11,6 +11,7 @@ byte-identical to an uninterrupted run.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import random
@@ -19,29 +20,27 @@ import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import webdataset as wds
 
 from .. import __version__, audio
 from .formats import Clip, Reject, group_by_clip, read_inputs
 from .pool import default_workers, ordered_map
 from .shards import (
+    FBANK,
     FORMAT,
     FORMAT_VERSION,
     INDEX,
+    META,
     REJECTS,
     SHARD_FIELDS,
     SHARD_PATTERN,
-    FBANK,
-    META,
     encode_features,
     encode_meta,
     sha256_file,
     shard_name,
 )
+from .writer import ShardWriter
 
 PROGRESS = ".progress.jsonl"
-TAR_BLOCK = 512
-TAR_END = 2 * TAR_BLOCK
 MISSING = "missing file"
 
 
@@ -132,7 +131,7 @@ def _library_versions(backend: str) -> dict:
         "numpy": np.__version__,
         "soundfile": soundfile.__version__,
         "libsndfile": soundfile.__libsndfile_version__,
-        "webdataset": wds.__version__,
+        "webdataset": importlib.metadata.version("webdataset"),
     }
     if backend == "torchaudio":
         import torch
@@ -145,48 +144,6 @@ def _library_versions(backend: str) -> dict:
 
         versions.update(transformers=transformers.__version__, scipy=scipy.__version__)
     return versions
-
-
-class _ShardSink:
-    """Writes samples into shard-NNNNNN.tar files, rolling over at the configured limits."""
-
-    def __init__(self, out: str, start: int, options: ConvertOptions, on_shard):
-        self.out, self.next_index, self.options, self.on_shard = out, start, options, on_shard
-        self.writer = self.file = None
-        self.samples = self.qa_pairs = self.size = 0
-
-    def add(self, key: str, members: dict[str, bytes], qa_pairs: int, clip_index: int) -> None:
-        grow = sum(TAR_BLOCK + -(-len(v) // TAR_BLOCK) * TAR_BLOCK for v in members.values())
-        full_count = self.options.shard_samples and self.samples + 1 > self.options.shard_samples
-        full_bytes = self.options.shard_bytes and self.size + grow + TAR_END > self.options.shard_bytes
-        if self.writer is not None and (full_count or full_bytes):
-            self.finish(next_clip=clip_index)
-        if self.writer is None:
-            self.file = open(self._path(tmp=True), "wb")
-            self.writer = wds.TarWriter(self.file, encoder=False, mtime=0, user="gama_ds", group="gama_ds", mode=0o444)
-        self.writer.write({"__key__": key, **members})
-        self.samples += 1
-        self.qa_pairs += qa_pairs
-        self.size += grow
-
-    def finish(self, next_clip: int) -> None:
-        if self.writer is None:
-            return
-        self.writer.close()
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        tmp, final = self._path(tmp=True), self._path(tmp=False)
-        os.replace(tmp, final)
-        values = (os.path.basename(final), self.samples, self.qa_pairs, os.path.getsize(final), sha256_file(final))
-        entry = dict(zip(SHARD_FIELDS, values))
-        self.on_shard(entry, next_clip)
-        self.writer = self.file = None
-        self.samples = self.qa_pairs = self.size = 0
-        self.next_index += 1
-
-    def _path(self, tmp: bool) -> str:
-        return os.path.join(self.out, shard_name(self.next_index) + (".tmp" if tmp else ""))
 
 
 def _our_files(out: str) -> list[str]:
@@ -301,7 +258,7 @@ def convert(
 
     from tqdm import tqdm
 
-    sink = _ShardSink(out, len(kept), options, on_shard)
+    sink = ShardWriter(out, len(kept), options.shard_samples, options.shard_bytes, on_shard)
     jobs = [(c.path, backend) for c in clips[start_clip:]]
     bar = tqdm(total=len(clips), initial=start_clip, unit="clip", desc="convert", disable=not progress)
     first_clip = 0.0
@@ -338,7 +295,10 @@ def convert(
     index = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "members": {"fbank.npy": "float16 [n_frames, 128], normalised, unpadded", "json": "clip metadata and qa list"},
+        "members": {
+            "fbank.npy": "float16 [n_frames, 128], normalised, unpadded",
+            "json": "clip metadata and qa list",
+        },
         "shards": shards,
         "totals": {
             "shards": len(shards),
@@ -357,7 +317,9 @@ def convert(
             "options": recorded,
         },
     }
-    _write_atomic(os.path.join(out, REJECTS), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
+    _write_atomic(
+        os.path.join(out, REJECTS), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects)
+    )
     _write_atomic(os.path.join(out, INDEX), json.dumps(index, indent=1, ensure_ascii=False) + "\n")
     os.remove(os.path.join(out, PROGRESS))
     return ConvertResult(

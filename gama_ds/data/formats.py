@@ -188,9 +188,7 @@ def read_inputs(paths: list[str], audio_root: str | None = None) -> tuple[list[R
                     error = str(err)
             if error is not None:
                 audio = obj.get("audio_id", obj.get("audio")) if isinstance(obj, dict) else None
-                rejects.append(
-                    Reject(source, BAD_RECORD, error, audio if isinstance(audio, str) else None)
-                )
+                rejects.append(Reject(source, BAD_RECORD, error, audio if isinstance(audio, str) else None))
                 continue
             records.append(Record(audio, resolve_audio(audio, path, audio_root), qa, source))
     return records, rejects

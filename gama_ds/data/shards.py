@@ -163,15 +163,17 @@ def decode_sample(key: str, members: dict[str, bytes], where: str) -> Sample:
 
 
 def iter_members(path: str):
-    """Yield (key, {ext: bytes}) per sample in tar order, streaming, raising ShardError.
+    """Yield (key, {ext: bytes}) per sample in tar order, raising ShardError.
 
     Members of one sample are adjacent, as webdataset requires; a key seen again later is
-    yielded again so callers can report duplicates.
+    yielded again so callers can report duplicates. The seekable "r:" mode over a buffered
+    file reads each member in one call; the "r|" stream mode copies it in 10 KiB records and
+    is half as fast.
     """
     name = os.path.basename(path)
     key, members = None, {}
     try:
-        with open(path, "rb", buffering=1 << 20) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        with open(path, "rb", buffering=1 << 20) as f, tarfile.open(fileobj=f, mode="r:") as tar:
             for info in tar:
                 if not info.isfile():
                     continue
@@ -241,10 +243,17 @@ def verify(root: str, workers: int = 1, progress: bool = False) -> tuple[list[st
         if SHARD_PATTERN.match(name) and name not in listed:
             problems.append(f"{name}: shard file not listed in {INDEX}")
     totals = index.get("totals", {})
-    for field_, key in (("shards", None), ("samples", "samples"), ("qa_pairs", "qa_pairs"), ("bytes", "bytes")):
+    for field_, key in (
+        ("shards", None),
+        ("samples", "samples"),
+        ("qa_pairs", "qa_pairs"),
+        ("bytes", "bytes"),
+    ):
         want = len(entries) if key is None else sum(e[key] for e in entries)
         if totals.get(field_) != want:
-            problems.append(f"{INDEX}: totals.{field_} is {totals.get(field_)}, the shard entries add up to {want}")
+            problems.append(
+                f"{INDEX}: totals.{field_} is {totals.get(field_)}, the shard entries add up to {want}"
+            )
     from tqdm import tqdm
 
     seen: dict[str, str] = {}
@@ -252,7 +261,7 @@ def verify(root: str, workers: int = 1, progress: bool = False) -> tuple[list[st
     jobs = [(root, e) for e in entries]
     with ordered_map(_verify_entry, jobs, min(workers, len(jobs)), window=len(jobs)) as results:
         bar = tqdm(results, total=len(jobs), unit="shard", desc="verify", disable=not progress)
-        for entry, (shard_problems, keys) in zip(entries, bar):
+        for entry, (shard_problems, keys) in zip(entries, bar, strict=True):
             problems.extend(shard_problems)
             samples += len(keys)
             for key in keys:
