@@ -8,7 +8,7 @@ export OMP_NUM_THREADS ?= 1
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 DEMO_DIR ?= demo_data
 
-.PHONY: demo test bench env clean
+.PHONY: demo test bench lint env clean
 
 env: $(STAMP)
 
@@ -30,6 +30,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check gama_ds tests bench
+	$(BIN)/ruff format --check gama_ds tests bench
 
 bench: $(STAMP)
 	$(BIN)/python bench/feature_path.py

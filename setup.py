@@ -6,9 +6,9 @@ setup(
     description="DeepSpeed trainer for GAMA-style audio-language models",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=find_packages(include=["gama_ds", "gama_ds.*"]),
-    include_package_data=True,
+    package_data={"gama_ds": ["recipes/*.yaml"]},
     # Pinned to a set that installs and imports together (see README). torch and
     # torchaudio are a matching pair; a local build such as 2.11.0+cu126 satisfies the pin.
     install_requires=[
@@ -28,7 +28,7 @@ setup(
     ],
     extras_require={
         "flash": ["flash-attn==2.8.3.post2"],
-        "dev": ["pytest==9.2.0"],
+        "dev": ["pytest==9.2.0", "ruff==0.17.5"],
     },
     entry_points={"console_scripts": ["gama-ds=gama_ds.cli:main"]},
 )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
@@ -96,7 +97,12 @@ def torchaudio_importable() -> bool:
     try:
         import torchaudio.compliance.kaldi  # noqa: F401
         import torchaudio.functional  # noqa: F401
-    except Exception:  # a broken CUDA build raises OSError, not ImportError
+    except Exception:  # a CUDA build next to a CPU torch raises OSError, not ImportError
+        # transformers imports torchaudio whenever the package is installed; marking it
+        # absent lets the fallback backend (transformers' audio_utils) import.
+        for name in [m for m in sys.modules if m == "torchaudio" or m.startswith("torchaudio.")]:
+            del sys.modules[name]
+        sys.modules["torchaudio"] = None
         return False
     return True
 
@@ -174,6 +180,7 @@ def _kaldi_tables() -> tuple[np.ndarray, np.ndarray]:
 
 
 def _fbank_transformers(signal: np.ndarray) -> np.ndarray:
+    torchaudio_importable()  # a broken torchaudio must be marked absent before transformers loads
     from transformers.audio_utils import spectrogram
 
     window, mel = _kaldi_tables()
@@ -195,13 +202,16 @@ def _fbank_transformers(signal: np.ndarray) -> np.ndarray:
 
 
 def fbank_from_waveform(wav: np.ndarray, sr: int, backend: str = "auto") -> tuple[np.ndarray, int]:
-    """[C, N] float waveform at any rate -> (normalised float32 [n<=1024, 128], total frames).
+    """[C, N] (or mono [N]) float waveform at any rate -> (normalised float32 [n<=1024, 128], total frames).
 
     The second value is the frame count before truncation, so callers can record whether
     the clip was cut.
     """
     backend = resolve_backend(backend)
-    signal = first_channel_16k(np.ascontiguousarray(wav, dtype=np.float32), sr, backend)
+    wav = np.atleast_2d(np.asarray(wav, dtype=np.float32))  # a mono [N] array is one channel
+    if wav.ndim != 2:
+        raise ValueError(f"expected a waveform [channels, samples], got shape {list(wav.shape)}")
+    signal = first_channel_16k(np.ascontiguousarray(wav), sr, backend)
     total = 1 + (signal.shape[0] - FRAME_LENGTH) // FRAME_SHIFT if signal.shape[0] >= FRAME_LENGTH else 0
     if total < 1:
         raise AudioError(

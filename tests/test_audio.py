@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import soundfile
@@ -57,10 +62,29 @@ def test_stereo_uses_first_channel_after_global_mean(tmp_path):
     path = str(tmp_path / "s.wav")
     soundfile.write(path, data, 16000, subtype="FLOAT")
     feats, _ = audio.load_features(path)
-    first = audio.fbank_from_waveform(data.T[:1] - data.mean(), 16000, "torchaudio")[0]
-    second = audio.fbank_from_waveform(data.T[1:] - data.mean(), 16000, "torchaudio")[0]
-    np.testing.assert_allclose(feats, first, atol=1e-4)  # numpy's mean here, torch's there
-    assert np.abs(feats - second).mean() > 0.5
+
+    def kaldi_of(channel: np.ndarray) -> np.ndarray:
+        fb = kaldi.fbank(
+            torch.from_numpy(channel)[None],
+            htk_compat=True,
+            sample_frequency=16000,
+            use_energy=False,
+            window_type="hanning",
+            num_mel_bins=128,
+            dither=0.0,
+            frame_shift=10,
+        )
+        return ((fb + 5.081) / 4.4849).numpy()
+
+    np.testing.assert_allclose(feats, kaldi_of(data[:, 0] - data.mean()), atol=1e-4)
+    assert np.abs(feats - kaldi_of(data[:, 1] - data.mean())).mean() > 0.5
+
+
+def test_a_mono_1d_waveform_is_one_channel():
+    wav = tone_mix(1.0, 22050)[:, 0]
+    for backend in audio.BACKENDS:
+        flat, _ = audio.fbank_from_waveform(wav, 22050, backend)
+        np.testing.assert_array_equal(flat, audio.fbank_from_waveform(wav[None], 22050, backend)[0])
 
 
 def test_ten_seconds_gives_998_frames_and_long_clips_keep_the_first_1024(tmp_path):
@@ -104,6 +128,43 @@ def test_garbage_is_unreadable(tmp_path):
     with pytest.raises(audio.AudioError) as err:
         audio.load_features(str(path))
     assert err.value.reason == "unreadable audio" and "x.wav" in str(err.value)
+
+
+def test_a_broken_torchaudio_falls_back_and_the_index_says_so(tmp_path):
+    """A torchaudio that raises OSError on import (a CUDA build beside a CPU torch) must not
+    take transformers down with it: conversion falls back and records the backend."""
+    fake = tmp_path / "site" / "torchaudio"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('raise OSError("libc10_cuda.so: cannot open shared object file")\n')
+    write_audio(tmp_path / "a.wav", 1.0, 44100)
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"audio": "a.wav", "question": "Q", "answer": "A"}) + "\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'site'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    out = tmp_path / "out"
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gama_ds",
+            "convert",
+            str(src),
+            "--out",
+            str(out),
+            "--workers",
+            "2",
+            "--no-progress",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    index = json.loads((out / "index.json").read_text())
+    assert (
+        index["features"]["backend"] == "transformers"
+        and "torchaudio" not in index["provenance"]["libraries"]
+    )
 
 
 def test_backend_names_are_checked():

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -88,12 +89,14 @@ def test_same_inputs_give_byte_identical_output_whatever_the_worker_count(qa_set
     assert sorted(keys(tmp_path / "one")) == sorted(keys(tmp_path / "other"))
 
 
-def test_shards_roll_over_by_bytes(qa_set, tmp_path):
-    result = run([qa_set["gama"]], tmp_path / "out", shard_bytes=128 * 1024)
-    sizes = [s["bytes"] for s in result.index["shards"]]
-    assert len(sizes) > 2
-    over = [s for s in result.index["shards"] if s["bytes"] > 128 * 1024]
-    assert all(s["samples"] == 1 for s in over)  # only a single sample larger than the limit may exceed it
+@pytest.mark.parametrize("limit", [100_000, 128 * 1024, 152_576, 300_000])
+def test_shards_never_pass_the_size_limit_unless_one_sample_does(qa_set, tmp_path, limit):
+    result = run([qa_set["gama"]], tmp_path / "out", shard_bytes=limit)
+    shards = result.index["shards"]
+    assert len(shards) > 1
+    for shard in shards:
+        assert shard["bytes"] == os.path.getsize(tmp_path / "out" / shard["file"])
+        assert shard["bytes"] <= limit or shard["samples"] == 1, shard
 
 
 def test_stock_webdataset_and_tar_read_the_shards(qa_set, tmp_path):
@@ -118,9 +121,12 @@ def test_every_reject_reason_is_reported_and_valid_clips_are_kept(tmp_path):
     (root / "corrupt.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunkjunk" * 10)
     soundfile.write(root / "empty.wav", np.zeros(0, dtype=np.float32), 16000)
     soundfile.write(root / "short.wav", np.zeros(200, dtype=np.float32), 16000)
+    nan = np.zeros(16000, dtype=np.float32)
+    nan[5000] = np.nan
+    soundfile.write(root / "nan.wav", nan, 16000, subtype="FLOAT")
     rows = [
         {"audio": n, "question": "Q?", "answer": "A"}
-        for n in ("good.wav", "missing.wav", "corrupt.wav", "empty.wav", "short.wav", "short.wav")
+        for n in ("good.wav", "missing.wav", "corrupt.wav", "empty.wav", "short.wav", "short.wav", "nan.wav")
     ]
     rows.append({"audio": "good.wav", "question": "Q?"})
     path = write_jsonl(root / "in.jsonl", rows)
@@ -130,7 +136,8 @@ def test_every_reject_reason_is_reported_and_valid_clips_are_kept(tmp_path):
     rejects = [json.loads(line) for line in open(out / "rejects.jsonl")]
     got = {(r["source"], r["reason"]): r for r in rejects}
     assert set(got) == {
-        (f"{path}:7", "bad record"),
+        (f"{path}:8", "bad record"),
+        (f"{path}:7", "non-finite features"),
         (f"{path}:2", "missing file"),
         (f"{path}:3", "unreadable audio"),
         (f"{path}:4", "empty audio"),
@@ -140,7 +147,7 @@ def test_every_reject_reason_is_reported_and_valid_clips_are_kept(tmp_path):
     assert got[(f"{path}:5", "shorter than one frame")]["qa_pairs"] == 2
     assert [s.meta["audio"] for s in all_samples(out)] == ["good.wav"]
     index = read_index(str(out))
-    assert index["totals"]["rejected_qa_pairs"] == 6 and index["totals"]["qa_pairs"] == 1
+    assert index["totals"]["rejected_qa_pairs"] == 7 and index["totals"]["qa_pairs"] == 1
     assert (
         main(
             [
@@ -201,38 +208,19 @@ def test_killed_conversion_resumes_to_identical_output(tmp_path):
         write_audio(root / name, 1.0, seed=i)
     # The last clip is a FIFO: the converter blocks opening it, after two finished shards.
     os.mkfifo(root / names[-1])
-    path = write_json(root / "in.json", [{"audio_id": n, "instruction": "Q", "output": "A"} for n in names])
+    # A missing clip among the finished shards: its reject must survive the resume unchanged.
+    listed = names[:2] + ["missing.wav"] + names[2:]
+    path = write_json(root / "in.json", [{"audio_id": n, "instruction": "Q", "output": "A"} for n in listed])
     out = tmp_path / "out"
 
     def command(dest):
-        return [
-            sys.executable,
-            "-m",
-            "gama_ds",
-            "convert",
-            path,
-            "--out",
-            str(dest),
-            "--order",
-            "input",
-            "--shard-samples",
-            "2",
-            "--workers",
-            "1",
-            "--no-progress",
-        ]
+        options = "--order input --shard-samples 2 --workers 1 --no-progress --max-reject-fraction 0.5"
+        return [sys.executable, "-m", "gama_ds", "convert", path, "--out", str(dest), *options.split()]
 
-    proc = subprocess.Popen(command(out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-
-        def finished_shards():
-            p = out / PROGRESS
-            return p.exists() and sum('"shard"' in line for line in open(p)) >= 2
-
-        _wait_for(finished_shards, 120, "two finished shards")
+    with killed_on_exit(command(out)) as proc:
+        _wait_for(lambda: finished_shards(out) >= 2, 120, "two finished shards")
         _wait_for(lambda: (out / "shard-000002.tar.tmp").exists(), 30, "the third shard to start")
-    finally:
-        proc.send_signal(signal.SIGKILL)
+        proc.kill()
         proc.wait(timeout=30)
     assert not (out / "index.json").exists()
     os.remove(root / names[-1])
@@ -251,3 +239,70 @@ def test_killed_conversion_resumes_to_identical_output(tmp_path):
     clean = tmp_path / "clean"
     assert subprocess.run(command(clean), capture_output=True, timeout=300).returncode == 0
     assert tree_bytes(out) == tree_bytes(clean)
+    assert [json.loads(line)["reason"] for line in open(out / "rejects.jsonl")] == ["missing file"]
+
+
+def test_a_dead_worker_stops_the_run_with_a_clear_error(tmp_path):
+    """The worker blocked on a FIFO is killed, as the out-of-memory killer would kill it:
+    the run must end with an error naming the clip, not hang."""
+    import psutil
+
+    root = tmp_path / "data"
+    write_audio(root / "a.wav", 1.0)
+    os.mkfifo(root / "stuck.wav")
+    rows = [{"audio_id": n, "instruction": "Q", "output": "A"} for n in ("a.wav", "stuck.wav")]
+    path = write_json(root / "in.json", rows)
+    options = "--order input --workers 2 --no-progress"
+    command = [
+        sys.executable,
+        "-m",
+        "gama_ds",
+        "convert",
+        path,
+        "--out",
+        str(tmp_path / "out"),
+        *options.split(),
+    ]
+
+    def stuck_worker():
+        children = psutil.Process(proc.pid).children(recursive=True)
+        return next((c for c in children if _blocked_opening_fifo(c.pid)), None)
+
+    with killed_on_exit(command) as proc:
+        _wait_for(lambda: stuck_worker() is not None, 120, "a worker blocked opening the FIFO")
+        stuck_worker().kill()
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert "a feature worker died" in err and "stuck.wav" in err
+
+
+def finished_shards(out) -> int:
+    path = out / PROGRESS
+    return sum('"shard"' in line for line in open(path)) if path.exists() else 0
+
+
+def _blocked_opening_fifo(pid: int) -> bool:
+    """Linux names the kernel function a sleeping process waits in; open() on a FIFO with no
+    writer waits in wait_for_partner."""
+    try:
+        with open(f"/proc/{pid}/wchan") as f:
+            return f.read().strip() == "wait_for_partner"
+    except OSError:
+        return False
+
+
+@contextmanager
+def killed_on_exit(command):
+    """Run `command` in its own process group and kill the whole group afterwards, so no
+    worker blocked on a FIFO outlives the test."""
+    proc = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        yield proc
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)

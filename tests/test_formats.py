@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -167,3 +168,33 @@ def test_qa_pairs_group_by_clip_across_files_and_spellings(tmp_path):
         ("a.wav", ["Q1", "Q3"]),
         ("b.wav", ["Q2"]),
     ]
+
+
+def test_bom_and_unicode_line_separators_are_plain_json(tmp_path):
+    listed = tmp_path / "bom.json"
+    listed.write_text(
+        json.dumps([{"audio": "a.wav", "question": "Q", "answer": "A"}], indent=2), encoding="utf-8-sig"
+    )
+    lines = tmp_path / "sep.jsonl"
+    rows = [{"audio": "a.wav", "question": f"Q{i}\u2028 line\x85 two\x1e", "answer": "A"} for i in range(3)]
+    lines.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    records, rejects = read_inputs([str(listed), str(lines)])
+    assert rejects == [] and len(records) == 4
+    assert [r.source for r in records[1:]] == [f"{lines}:1", f"{lines}:2", f"{lines}:3"]
+
+
+def test_the_same_input_twice_is_refused(tmp_path):
+    path = write_jsonl(tmp_path / "q.jsonl", [{"audio": "a.wav", "question": "Q", "answer": "A"}])
+    with pytest.raises(InputError, match="given twice"):
+        read_inputs([path, str(tmp_path / "." / "q.jsonl")])
+
+
+def test_an_empty_list_is_an_error(tmp_path):
+    with pytest.raises(InputError, match="an empty list"):
+        read_inputs([write_json(tmp_path / "e.json", [])])
+
+
+def test_an_undecodable_path_is_a_bad_record(tmp_path):
+    path = write_jsonl(tmp_path / "q.jsonl", ['{"audio": "a\\udc80.wav", "question": "Q", "answer": "A"}'])
+    records, (reject,) = read_inputs([path])
+    assert records == [] and reject.detail == "field 'audio' is not a valid UTF-8 path"

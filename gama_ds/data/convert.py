@@ -17,6 +17,7 @@ import os
 import random
 import sys
 import time
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -113,6 +114,8 @@ def _featurize(job: tuple[str, str]):
         feats, info = audio.load_features(path, backend)
     except audio.AudioError as err:
         return None, (err.reason, err.detail)
+    except Exception as err:  # a decoder failing in a way soundfile does not wrap
+        return None, ("unreadable audio", f"{path}: {type(err).__name__}: {err}")
     return encode_features(feats), info
 
 
@@ -219,6 +222,8 @@ def convert(
     ).hexdigest()
     total_qa = sum(len(c.qa) for c in clips) + len(record_rejects)
 
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConvertError(f"--out {out} exists and is not a directory")
     os.makedirs(out, exist_ok=True)
     if overwrite:
         for name in _our_files(out):
@@ -237,10 +242,11 @@ def convert(
     for name in _our_files(out):
         if name != PROGRESS and name not in {e["shard"]["file"] for e in kept}:
             os.remove(os.path.join(out, name))
-    progress_file = open(os.path.join(out, PROGRESS), "w", encoding="utf-8")
-    for line in [{"plan": plan}, *kept]:
-        progress_file.write(json.dumps(line, sort_keys=True) + "\n")
-    progress_file.flush()
+    # Rewritten atomically: a crash here must not lose the record of the kept shards.
+    _write_atomic(
+        os.path.join(out, PROGRESS), "".join(json.dumps(line) + "\n" for line in [{"plan": plan}, *kept])
+    )
+    progress_file = open(os.path.join(out, PROGRESS), "a", encoding="utf-8")
     if kept:
         log(f"{out}: resuming after {len(kept)} finished shard(s), at clip {start_clip} of {len(clips)}")
 
@@ -252,7 +258,7 @@ def convert(
         line = {"shard": entry, "next_clip": next_clip, "rejects": list(pending)}
         clip_rejects.extend(pending)
         pending.clear()
-        progress_file.write(json.dumps(line, sort_keys=True) + "\n")
+        progress_file.write(json.dumps(line) + "\n")
         progress_file.flush()
         os.fsync(progress_file.fileno())
 
@@ -263,7 +269,7 @@ def convert(
     bar = tqdm(total=len(clips), initial=start_clip, unit="clip", desc="convert", disable=not progress)
     first_clip = 0.0
     with ordered_map(_featurize, jobs, workers, initializer=_single_thread) as results:
-        for i, (feats, info) in enumerate(results, start=start_clip):
+        for i, (feats, info) in _guard(enumerate(results, start=start_clip), clips, out):
             if i == start_clip:
                 first_clip = time.perf_counter() - started
             clip = clips[i]
@@ -334,6 +340,20 @@ def convert(
     )
 
 
+def _guard(results, clips: list[Clip], out: str):
+    """Turn a dead worker into an error that says which clips and how to go on."""
+    i = -1
+    try:
+        for i, result in results:
+            yield i, result
+    except BrokenProcessPool as err:
+        near = ", ".join(c.path for c in clips[i + 1 : i + 5])
+        raise ConvertError(
+            f"a feature worker died (a crashing decoder or the out-of-memory killer?) near: {near}. "
+            f"Finished shards in {out} are kept: fix or remove the clip and rerun the same command"
+        ) from err
+
+
 def _fraction(index: dict, total_qa: int) -> float:
     return index["totals"]["rejected_qa_pairs"] / total_qa if total_qa else 0.0
 
@@ -349,8 +369,11 @@ def _finished_index(out: str, plan: str, options: ConvertOptions, started: float
             f"{out} holds a finished conversion of other inputs or options; "
             "choose another --out or pass --overwrite"
         )
-    with open(os.path.join(out, REJECTS), encoding="utf-8") as f:
-        rejects = [json.loads(line) for line in f]
+    try:
+        with open(os.path.join(out, REJECTS), encoding="utf-8") as f:
+            rejects = [json.loads(line) for line in f]
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConvertError(f"{out} has {INDEX} but no readable {REJECTS} ({err}); pass --overwrite") from err
     return ConvertResult(
         index,
         rejects,

@@ -73,6 +73,15 @@ class _BadField(ValueError):
     pass
 
 
+def _audio(rec: dict, name: str) -> str:
+    audio = _text(rec, name, required=True)
+    try:
+        os.fsencode(audio).decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        raise _BadField(f"field {name!r} is not a valid UTF-8 path") from None
+    return audio
+
+
 def _text(rec: dict, name: str, required: bool) -> str:
     if name not in rec or rec[name] is None:
         if required:
@@ -104,7 +113,7 @@ def parse_record(rec, source: str) -> tuple[str, list[dict]]:
     if "audio" in rec and "audio_id" in rec:
         raise _BadField("has both 'audio' and 'audio_id'; keep one")
     if "instruction_output" in rec:
-        audio = _text(rec, "audio_id", required=True)
+        audio = _audio(rec, "audio_id")
         pairs = rec["instruction_output"]
         if not isinstance(pairs, list) or not pairs:
             raise _BadField("field 'instruction_output' must be a non-empty list")
@@ -123,12 +132,12 @@ def parse_record(rec, source: str) -> tuple[str, list[dict]]:
                 raise _BadField(f"instruction_output[{j}]: {err}") from None
         return audio, out
     if "audio" in rec:
-        audio = _text(rec, "audio", required=True)
+        audio = _audio(rec, "audio")
         ins = _text(rec, "question", required=True)
         ans = _text(rec, "answer", required=True)
         return audio, [_qa(ins, ans, rec, source, _USED["aqa"])]
     if "audio_id" in rec:
-        audio = _text(rec, "audio_id", required=True)
+        audio = _audio(rec, "audio_id")
         ins = _text(rec, "instruction", required=True)
         ans = _text(rec, "output", required=True)
         return audio, [_qa(ins, ans, rec, source, _USED["gama"])]
@@ -138,7 +147,7 @@ def parse_record(rec, source: str) -> tuple[str, list[dict]]:
 def _objects(path: str):
     """Yield (source, parsed object or None, error) for every record in one file."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is not part of the JSON
             text = f.read()
     except (OSError, UnicodeDecodeError) as err:
         raise InputError(f"{path}: cannot read: {err}") from err
@@ -152,13 +161,17 @@ def _objects(path: str):
             raise InputError(f"{path}: line {err.lineno} column {err.colno}: {err.msg}") from err
         whole = None
     if isinstance(whole, list):
+        if not whole:
+            raise InputError(f"{path}: an empty list, no records")
         for i, obj in enumerate(whole):
             yield f"{path}[{i}]", obj, None
         return
     if whole is not None:
         yield f"{path}:1", whole, None
         return
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # Split on newlines only: str.splitlines() also splits on U+2028 and friends, which JSON
+    # allows unescaped inside strings.
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -177,6 +190,14 @@ def resolve_audio(audio: str, json_path: str, audio_root: str | None) -> str:
 
 def read_inputs(paths: list[str], audio_root: str | None = None) -> tuple[list[Record], list[Reject]]:
     """Parse every input file; malformed records become rejects, unreadable files raise."""
+    seen: dict[str, str] = {}
+    for path in paths:
+        real = os.path.realpath(path)
+        if real in seen:
+            raise InputError(
+                f"{path}: given twice (also as {seen[real]}); each QA pair would be stored twice"
+            )
+        seen[real] = path
     records: list[Record] = []
     rejects: list[Reject] = []
     for path in paths:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 
 
@@ -18,25 +19,26 @@ def ordered_map(fn, items, workers: int, window: int | None = None, initializer=
     """Yield an iterator of fn(item) in input order.
 
     At most `window` items (default 4 per worker) are in flight, so results never pile up
-    in memory when the consumer is slower than the workers. Workers are spawned, not
-    forked: the parent may hold torch's thread pools, which a forked child can deadlock on.
+    in memory when the consumer is slower than the workers. A worker that dies (a crashing
+    decoder, the out-of-memory killer) raises BrokenProcessPool instead of hanging. Workers
+    are spawned, not forked: the parent may hold torch's thread pools, which a forked child
+    can deadlock on.
     """
     if workers <= 1:
         if initializer is not None:
             initializer()
         yield map(fn, items)
         return
-    window = window or 4 * workers
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(workers, initializer=initializer) as pool:
-        yield _windowed(pool, fn, iter(items), window)
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=initializer) as pool:
+        yield _windowed(pool, fn, iter(items), window or 4 * workers)
 
 
 def _windowed(pool, fn, items, window: int):
     pending: deque = deque()
     for item in items:
-        pending.append(pool.apply_async(fn, (item,)))
+        pending.append(pool.submit(fn, item))
         if len(pending) >= window:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
     while pending:
-        yield pending.popleft().get()
+        yield pending.popleft().result()

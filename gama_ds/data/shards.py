@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+from webdataset.tariterators import base_plus_ext
 
 from ..audio import NUM_MEL_BINS, TARGET_FRAMES
 from .pool import ordered_map
@@ -32,8 +33,6 @@ MEMBERS = (FBANK, META)
 SHARD_PATTERN = re.compile(r"^shard-\d{6}\.tar$")
 QA_FIELDS = ("instruction", "input", "output", "dataset", "task")
 SHARD_FIELDS = ("file", "samples", "qa_pairs", "bytes", "sha256")  # one index entry, in order
-# webdataset's rule: the key is the member path up to the first dot of its base name.
-_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 
 
 class ShardError(ValueError):
@@ -177,10 +176,9 @@ def iter_members(path: str):
             for info in tar:
                 if not info.isfile():
                     continue
-                m = _KEY_EXT.match(info.name)
-                if m is None:
+                k, ext = base_plus_ext(info.name)  # webdataset's own key rule
+                if k is None:
                     raise ShardError(f"{name}: member {info.name!r} has no <key>.<ext> name")
-                k, ext = m.groups()
                 if k != key:
                     if key is not None:
                         yield key, members

@@ -7,13 +7,11 @@ complete; its entry (counts, bytes, sha256) is then handed to a callback.
 from __future__ import annotations
 
 import os
+import tarfile
 
 import webdataset as wds
 
 from .shards import SHARD_FIELDS, sha256_file, shard_name
-
-TAR_BLOCK = 512
-TAR_END = 2 * TAR_BLOCK
 
 
 class ShardWriter:
@@ -26,9 +24,9 @@ class ShardWriter:
         self.samples = self.qa_pairs = self.size = 0
 
     def add(self, key: str, members: dict[str, bytes], qa_pairs: int, clip_index: int) -> None:
-        grow = sum(TAR_BLOCK + -(-len(v) // TAR_BLOCK) * TAR_BLOCK for v in members.values())
+        grow = sum(tarfile.BLOCKSIZE * (1 + -(-len(v) // tarfile.BLOCKSIZE)) for v in members.values())
         full_count = self.max_samples and self.samples + 1 > self.max_samples
-        full_bytes = self.max_bytes and self.size + grow + TAR_END > self.max_bytes
+        full_bytes = self.max_bytes and _closed_size(self.size + grow) > self.max_bytes
         if self.writer is not None and (full_count or full_bytes):
             self.finish(next_clip=clip_index)
         if self.writer is None:
@@ -61,3 +59,8 @@ class ShardWriter:
 
     def _path(self, tmp: bool) -> str:
         return os.path.join(self.out, shard_name(self.next_index) + (".tmp" if tmp else ""))
+
+
+def _closed_size(content: int) -> int:
+    """A tar's file size once closed: two zero blocks, padded to whole 10 KiB records."""
+    return -(-(content + 2 * tarfile.BLOCKSIZE) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
