@@ -152,6 +152,42 @@ def _show(args) -> int:
     return 0
 
 
+def _add_estimate(sub) -> None:
+    p = sub.add_parser("estimate", help="parameter counts and per-GPU memory for a recipe, without weights")
+    p.add_argument("recipe", help="a recipe file or a bundled name (stage1 ... stage5, tiny)")
+    p.add_argument("overrides", nargs="*", help="key=value recipe overrides, e.g. train.micro_batch_size=2")
+    p.add_argument("--world-size", type=_positive_int, default=8, help="GPUs in the job (default 8)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _estimate(args) -> int:
+    from .config import load_recipe
+    from .model.estimate import build_on_meta, estimate
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    model = build_on_meta(recipe.model)
+    est = estimate(
+        model,
+        args.world_size,
+        recipe.train.micro_batch_size,
+        recipe.data.cutoff_len,
+        recipe.model.gradient_checkpointing,
+    )
+    if args.json:
+        print(json.dumps({k: est[k] for k in ("params", "total", "trainable", "memory_gib")}))
+        return 0
+    print(f"{args.recipe}: {est['total']:,} parameters, {est['trainable']:,} trainable")
+    for group, c in est["params"].items():
+        print(f"  {group:<14} {c['total']:>15,} total {c['trainable']:>13,} trainable")
+    print(
+        f"per GPU with {args.world_size} GPUs, micro-batch {est['micro_batch']}, sequence {est['sequence']} "
+        f"(activations {est['activations_gib']} GiB):"
+    )
+    for stage, gib in est["memory_gib"].items():
+        print(f"  {stage}: {gib} GiB")
+    return 0
+
+
 def _add_synth(sub) -> None:
     p = sub.add_parser("synth", help="write a small synthetic audio QA set (audio files + JSON)")
     p.add_argument("--out", required=True)
@@ -172,6 +208,7 @@ COMMANDS = {
     "convert": (_add_convert, _convert),
     "verify": (_add_verify, _verify),
     "show": (_add_show, _show),
+    "estimate": (_add_estimate, _estimate),
     "synth": (_add_synth, _synth),
 }
 
@@ -183,12 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     for add, _ in COMMANDS.values():
         add(sub)
     args = parser.parse_args(argv)
+    from .config import ConfigError
     from .data.convert import ConvertError
     from .data.formats import InputError
     from .data.shards import ShardError
 
     try:
         return COMMANDS[args.command][1](args)
-    except (ConvertError, InputError, ShardError, ValueError) as err:
+    except (ConfigError, ConvertError, InputError, ShardError, ValueError) as err:
         print(f"gama-ds {args.command}: error: {err}", file=sys.stderr)
         return 2

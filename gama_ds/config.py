@@ -1,0 +1,217 @@
+"""Recipe dataclasses: every field documents itself where it is declared.
+
+A recipe is a YAML file whose sections map onto these dataclasses; `key=value` overrides
+(dotted, e.g. `model.lora.r=16`) apply on top. Unknown keys and values of the wrong type are
+errors that name the key, before anything is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+RECIPES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
+
+
+class ConfigError(ValueError):
+    """A recipe key or value that cannot be used; the message names the key."""
+
+
+@dataclass
+class AudioConfig:
+    """Sizes of the audio modules. The defaults are GAMA's."""
+
+    width: int = 768  # encoder, aggregator and Q-Former width
+    heads: int = 12  # attention heads in all three
+    encoder_depth: int = 12  # modality-specific blocks + 1 shared block
+    taps: tuple[int, int] = (8, 4)  # modality blocks whose outputs feed aggregator layers 1 and 2
+    mlp_ratio: float = 4.0  # encoder MLP width / width
+    ffn: int = 3072  # aggregator and Q-Former feed-forward width
+    qformer_layers: int = 12  # cross-attention in every second layer
+    num_queries: int = 32  # learned Q-Former queries = its prefix tokens
+    qformer_dropout: float = 0.0  # the reference trains the Q-Former in eval mode: no dropout
+    aggregator_dropout: float = 0.1  # BERT's default, as the reference's aggregator
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
+
+@dataclass
+class ModelConfig:
+    variant: str = "gama"  # gama (96-token prefix) | ltu (32 tokens, one linear projection)
+    llm: str = "llama-2-7b"  # an LLM shape preset (gama_ds/model/llm.py) or an HF model folder
+    aggregator: str = "paper"  # paper (uses the taps) | released (the released checkpoints' behaviour)
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    lora: LoraConfig | None = field(default_factory=LoraConfig)  # null: no LoRA (stage 1)
+    trainable: str = "qformer_all"  # proj | qformer | qformer_all | all (see gama_ds/model/weights.py)
+    attn_implementation: str = (
+        "auto"  # auto (flash_attention_2 where it runs, else sdpa) | sdpa | eager | ...
+    )
+    gradient_checkpointing: bool = False  # for the LLM and the audio encoder
+    dtype: str = "float32"  # weights' dtype when built; training precision is the engine's business
+
+    def check(self) -> None:
+        choices = {
+            "variant": ("gama", "ltu"),
+            "aggregator": ("paper", "released"),
+            "trainable": ("proj", "qformer", "qformer_all", "all"),
+            "dtype": ("float32", "bfloat16", "float16"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"model.{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}"
+                )
+        if self.variant == "ltu" and self.trainable in ("qformer", "qformer_all"):
+            raise ConfigError(
+                f"model.trainable {self.trainable!r} needs the gama variant; LTU trains proj or all"
+            )
+        a = self.audio
+        if a.width % a.heads:
+            raise ConfigError(f"model.audio.width {a.width} is not divisible by model.audio.heads {a.heads}")
+        if a.encoder_depth < 2 or not all(0 <= t < a.encoder_depth - 1 for t in a.taps):
+            raise ConfigError(
+                f"model.audio.taps {list(a.taps)} must index the {a.encoder_depth - 1} modality blocks "
+                f"of an encoder of depth {a.encoder_depth}"
+            )
+        if self.lora is not None and self.lora.r < 1:
+            raise ConfigError(f"model.lora.r must be at least 1, got {self.lora.r}")
+
+
+@dataclass
+class DataConfig:
+    cutoff_len: int = 108  # text tokens per QA pair after truncation (the reference's cutoff)
+
+
+@dataclass
+class TrainConfig:
+    global_batch_size: int = 256  # samples per optimizer step, whatever the number of nodes
+    micro_batch_size: int = 4  # samples per rank per forward pass
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def check(self) -> None:
+        self.model.check()
+        for key, value in (
+            ("data.cutoff_len", self.data.cutoff_len),
+            ("train.micro_batch_size", self.train.micro_batch_size),
+            ("train.global_batch_size", self.train.global_batch_size),
+        ):
+            if value < 1:
+                raise ConfigError(f"{key} must be at least 1, got {value}")
+
+
+def _coerce(value, hint, key: str):
+    """Check (and gently convert) one YAML value against a dataclass field's type."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return from_dict(hint, value, key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            args = (args[0],) * len(value)
+        elif len(args) != len(value):
+            raise ConfigError(f"{key} must have {len(args)} items, got {len(value)}")
+        return tuple(_coerce(v, t, f"{key}[{i}]") for i, (v, t) in enumerate(zip(value, args, strict=True)))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Build dataclass `cls` from a mapping; unknown keys are errors naming the key."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown key {where}{unknown[0]}; known keys: {', '.join(sorted(names))}")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not key=value")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {part} is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def load_yaml(path_or_name: str) -> tuple[str, dict]:
+    """A recipe file, or the name of a bundled one (stage1 ... stage5, tiny)."""
+    path = path_or_name
+    if not os.path.exists(path):
+        bundled = os.path.join(RECIPES_DIR, f"{path_or_name}.yaml")
+        if not os.path.exists(bundled):
+            raise ConfigError(f"no recipe file {path_or_name!r} and no bundled recipe of that name")
+        path = bundled
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of sections")
+    return path, data
+
+
+def load_recipe(path_or_name: str, overrides: list[str] = ()) -> Recipe:
+    """A recipe file (or bundled name) with `key=value` overrides, checked."""
+    path, data = load_yaml(path_or_name)
+    data = apply_overrides(data, list(overrides))
+    try:
+        recipe = from_dict(Recipe, data)
+        recipe.check()
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    return recipe

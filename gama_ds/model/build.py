@@ -1,0 +1,48 @@
+"""One function that turns a model config into a GamaModel, ready for a trainer."""
+
+from __future__ import annotations
+
+import peft
+
+from .gama import GamaAudio, GamaModel, LtuAudio
+from .llm import DTYPES, build_llm
+from .weights import set_trainable
+
+
+def build_model(cfg, vocab_size: int | None = None) -> GamaModel:
+    """LLM (preset or folder) + audio modules + LoRA + trainable groups, on the current device.
+
+    Under `torch.device("meta")` nothing is allocated, which is how `gama-ds estimate`
+    sizes a 7B model in seconds.
+    """
+    cfg.check()
+    llm = build_llm(cfg.llm, cfg.dtype, cfg.attn_implementation, vocab_size)
+    audio_cls = GamaAudio if cfg.variant == "gama" else LtuAudio
+    audio = audio_cls(cfg, llm.config.hidden_size).to(DTYPES[cfg.dtype])
+    if cfg.gradient_checkpointing:
+        # Non-reentrant checkpointing gives gradients to LoRA and audio inputs with a frozen LLM.
+        llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        audio.encoder.gradient_checkpointing = True
+    if cfg.lora is not None:
+        lora = peft.LoraConfig(
+            r=cfg.lora.r,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout,
+            target_modules=list(cfg.lora.target_modules),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        llm = peft.get_peft_model(llm, lora)
+    model = GamaModel(audio, llm)
+    set_trainable(model, cfg.trainable)
+    return model
+
+
+def tiny_config(**overrides):
+    """The bundled tiny recipe's model: every module of the real one, small enough for a CPU."""
+    from ..config import load_recipe
+
+    cfg = load_recipe("tiny").model
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg

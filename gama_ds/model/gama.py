@@ -1,0 +1,178 @@
+"""The audio prefix in front of any causal LM, fed through `inputs_embeds`.
+
+GAMA: encoder -> (aggregator over the last layer with taps ; Q-Former over the last layer)
+-> one projection each -> [32 Q-Former ; 64 aggregator] = 96 prefix embeddings. LTU: encoder
+-> 32 pooled tokens -> one linear projection. The prefix goes first, then the text; text is
+right-padded, so positions count from 0 without gaps and the LM's loss sees text only.
+
+This module knows nothing of DeepSpeed, shards or tokenizers: it takes tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .aggregator import Aggregator
+from .encoder import AudioEncoder
+from .qformer import AudioQFormer
+
+IGNORE = -100
+
+
+def projection(width: int, hidden: int, two_layer: bool = True) -> nn.Sequential:
+    """Parameter-free LayerNorm, then Linear-GELU-Linear (GAMA) or one Linear (LTU)."""
+    norm = nn.LayerNorm(width, elementwise_affine=False)
+    if not two_layer:
+        return nn.Sequential(norm, nn.Linear(width, hidden))
+    return nn.Sequential(norm, nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+
+
+class GamaAudio(nn.Module):
+    """fbank [B, 1024, 128] -> prefix [B, 96, hidden]."""
+
+    def __init__(self, cfg, hidden: int):
+        super().__init__()
+        a = cfg.audio
+        self.encoder = AudioEncoder(a.width, a.heads, a.encoder_depth, a.taps, a.mlp_ratio)
+        self.aggregator = Aggregator(a.width, a.heads, a.ffn, a.aggregator_dropout, cfg.aggregator)
+        self.qformer = AudioQFormer(
+            a.width, a.qformer_layers, a.heads, a.ffn, a.num_queries, a.qformer_dropout
+        )
+        self.proj_qformer = projection(a.width, hidden)
+        self.proj_aggregator = projection(a.width, hidden)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.qformer.num_queries + self.encoder.cols
+
+    def forward(self, fbank: torch.Tensor) -> torch.Tensor:
+        paper = self.aggregator.mode == "paper"
+        enc = self.encoder(fbank, with_taps=paper)
+        # Released mode never reads the taps, so it does not compute them.
+        taps = enc.taps if paper else (enc.last, enc.last)
+        aggregated = self.aggregator(enc.last, taps)
+        queried = self.qformer(enc.last)
+        return torch.cat([self.proj_qformer(queried), self.proj_aggregator(aggregated)], dim=1)
+
+    def unused_parameters(self) -> list[str]:
+        unused = [f"aggregator.{n}" for n in self.aggregator.unused_parameters()]
+        if self.aggregator.mode == "released":
+            unused += [
+                f"encoder.{n}"
+                for n, _ in self.encoder.named_parameters()
+                if n.startswith(("norm_j", "norm_k"))
+            ]
+        return unused
+
+
+class LtuAudio(nn.Module):
+    """fbank [B, 1024, 128] -> prefix [B, 32, hidden]: LTU's encoder, pooling and projection."""
+
+    def __init__(self, cfg, hidden: int):
+        super().__init__()
+        a = cfg.audio
+        self.encoder = AudioEncoder(a.width, a.heads, a.encoder_depth, a.taps, a.mlp_ratio)
+        del self.encoder.norm_j, self.encoder.norm_k  # LTU has no taps
+        self.proj = projection(a.width, hidden, two_layer=False)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.encoder.cols // 2
+
+    def forward(self, fbank: torch.Tensor) -> torch.Tensor:
+        tokens = self.encoder(fbank, with_taps=False).last  # [B, 64, width]
+        pooled = F.avg_pool1d(tokens.transpose(1, 2), kernel_size=2, stride=2).transpose(1, 2)
+        return self.proj(pooled)
+
+    def unused_parameters(self) -> list[str]:
+        return []
+
+
+@dataclass
+class GamaOutput:
+    loss: torch.Tensor | None
+    logits: torch.Tensor  # [B, T, vocab]: text positions only
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token next-token cross-entropy within the text, [B, T-1]; 0 where ignored."""
+    return F.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=IGNORE, reduction="none"
+    )
+
+
+class GamaModel(nn.Module):
+    def __init__(self, audio: nn.Module, llm: nn.Module):
+        super().__init__()
+        self.audio = audio
+        self.llm = llm
+
+    @property
+    def num_audio_tokens(self) -> int:
+        return self.audio.num_tokens
+
+    def _inputs(self, fbank, input_ids, attention_mask, has_audio):
+        """[audio prefix ; text] embeddings and their attention mask."""
+        text = self.llm.get_input_embeddings()(input_ids)
+        prefix = self.audio(fbank.to(next(self.audio.parameters()).dtype)).to(text.dtype)
+        audio_mask = torch.ones(prefix.shape[:2], dtype=attention_mask.dtype, device=attention_mask.device)
+        if has_audio is not None:
+            audio_mask = audio_mask * has_audio.to(attention_mask.dtype)[:, None]
+        return torch.cat([prefix, text], dim=1), torch.cat([audio_mask, attention_mask], dim=1)
+
+    def forward(
+        self,
+        fbank: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        has_audio: torch.Tensor | None = None,
+    ) -> GamaOutput:
+        """Right-padded text after the audio prefix; loss over supervised text tokens.
+
+        Samples whose `has_audio` is False still run every audio module (on whatever fbank
+        they carry, the pad value from the collator), so all ranks do the same work; their
+        prefix is masked out of attention.
+        """
+        embeds, mask = self._inputs(fbank, input_ids, attention_mask, has_audio)
+        out = self.llm(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=positions(mask),
+            logits_to_keep=input_ids.shape[1],
+            use_cache=False,
+        )
+        loss = None
+        if labels is not None:
+            losses = token_losses(out.logits, labels)
+            count = (labels[:, 1:] != IGNORE).sum()
+            loss = losses.sum() / count.clamp(min=1)
+        return GamaOutput(loss, out.logits)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        fbank: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        has_audio: torch.Tensor | None = None,
+        **generate_kwargs,
+    ) -> torch.Tensor:
+        """Batched generation from left-padded prompts; returns only the new token ids.
+
+        The sequence is [audio prefix][pads][prompt]: every prompt ends at the last
+        position, the pads are masked, and positions come from the mask (transformers'
+        generate derives them the same way), so each sample sees exactly what it would see
+        alone. Greedy, sampling and beam search all go through `llm.generate`.
+        """
+        embeds, mask = self._inputs(fbank, input_ids, attention_mask, has_audio)
+        return self.llm.generate(inputs_embeds=embeds, attention_mask=mask, **generate_kwargs)
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids counting only attended tokens; padding gets 0 (it is masked anyway)."""
+    return (mask.long().cumsum(dim=1) - 1).clamp(min=0)

@@ -1,0 +1,88 @@
+"""The language model: shape presets, the attention kernel choice, and loading.
+
+Any `AutoModelForCausalLM` works; presets name the shapes of common ones so that a model can
+be built without its weights (`gama-ds estimate`, tests) and checked against a weights folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+
+log = logging.getLogger(__name__)
+
+PRESETS = {
+    # Llama-2-7b(-chat): the LLM of the reference GAMA.
+    "llama-2-7b": dict(
+        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+        rms_norm_eps=1e-5, tie_word_embeddings=False,
+    ),
+    # Vicuna-7B (LLaMA-1 shapes): the LLM of the reference LTU.
+    "vicuna-7b": dict(
+        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=2048,
+        rms_norm_eps=1e-6, tie_word_embeddings=False,
+    ),
+    # A few-hundred-thousand-parameter Llama for tests and the CPU demo.
+    "tiny": dict(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+        rms_norm_eps=1e-6, tie_word_embeddings=False,
+    ),
+}  # fmt: skip
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def is_preset(name: str) -> bool:
+    return name in PRESETS
+
+
+def llm_config(name: str, vocab_size: int | None = None):
+    """The HF config of a preset or of a model folder."""
+    if is_preset(name):
+        kwargs = dict(PRESETS[name])
+        if vocab_size is not None:
+            kwargs["vocab_size"] = vocab_size
+        return LlamaConfig(**kwargs)
+    if os.path.isdir(name):
+        return AutoConfig.from_pretrained(name)
+    raise ValueError(f"model.llm {name!r} is neither a preset ({', '.join(PRESETS)}) nor a model folder")
+
+
+def flash_attention_usable() -> bool:
+    from transformers.utils import is_flash_attn_2_available
+
+    if not (torch.cuda.is_available() and is_flash_attn_2_available()):
+        return False
+    return torch.cuda.get_device_capability()[0] >= 8  # flash-attn 2 needs Ampere or newer
+
+
+def choose_attention(requested: str, dtype: torch.dtype) -> str:
+    """'auto' -> flash_attention_2 where it can run (GPU, half precision), else sdpa."""
+    if requested == "auto":
+        usable = flash_attention_usable() and dtype in (torch.bfloat16, torch.float16)
+        choice = "flash_attention_2" if usable else "sdpa"
+    else:
+        if requested == "flash_attention_2" and not flash_attention_usable():
+            raise ValueError(
+                "model.attn_implementation flash_attention_2 needs flash-attn on an Ampere or newer GPU; "
+                "install gama_ds[flash] there, or use sdpa"
+            )
+        choice = requested
+    log.info("attention implementation: %s", choice)
+    return choice
+
+
+def build_llm(name: str, dtype: str = "float32", attn: str = "auto", vocab_size: int | None = None):
+    """A causal LM: random weights for a preset, the folder's weights for a path."""
+    torch_dtype = DTYPES[dtype]
+    attn_impl = choose_attention(attn, torch_dtype)
+    if is_preset(name):
+        config = llm_config(name, vocab_size)
+        return AutoModelForCausalLM.from_config(config, attn_implementation=attn_impl, dtype=torch_dtype)
+    return AutoModelForCausalLM.from_pretrained(name, attn_implementation=attn_impl, dtype=torch_dtype)
