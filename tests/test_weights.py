@@ -33,11 +33,14 @@ def trainable_groups(model) -> set[str]:
     ids=["stage1", "stage2-5", "proj", "ltu-all"],
 )
 def test_each_stage_trains_its_groups_and_nothing_else(overrides, groups):
+    from gama_ds.model.weights import parameter_groups, unused_parameters
+
     model = build_model(tiny_config(**overrides))
+    group_of = parameter_groups(model)
+    dead = unused_parameters(model)
+    for name, p in model.named_parameters():
+        assert p.requires_grad == (group_of[name] in groups and name not in dead), name
     assert trainable_groups(model) == groups
-    llm_trainable = [n for n, p in model.llm.named_parameters() if p.requires_grad]
-    assert all("lora_" in n for n in llm_trainable)
-    assert bool(llm_trainable) == ("lora" in groups)
 
 
 def test_parameters_that_cannot_get_a_gradient_are_never_trainable():
@@ -190,6 +193,39 @@ def test_a_base_folder_and_a_stage_checkpoint_import_from_disk(tmp_path):
     )
     with pytest.raises(FileNotFoundError):
         import_reference_path(model, str(tmp_path / "nothing"))
+
+
+def test_an_ltu_base_folder_of_sharded_bins_imports(tmp_path):
+    from gama_ds.model.weights import import_reference_path
+
+    model = build_model(tiny_config(variant="ltu", trainable="all"))
+    params = dict(model.named_parameters())
+    encoder = {}
+    for name in INVENTORY["ltu_stage"]:
+        ours = map_name(name)
+        if ours in params and ours.startswith("audio.encoder."):
+            encoder["model." + name.removeprefix("base_model.model.model.")] = torch.randn(params[ours].shape)
+    (tmp_path / "vicuna_ltu").mkdir()
+    torch.save(
+        {"model.layers.0.mlp.up_proj.weight": torch.randn(4, 4)},
+        tmp_path / "vicuna_ltu" / "pytorch_model-00001-of-00002.bin",
+    )
+    torch.save(encoder, tmp_path / "vicuna_ltu" / "pytorch_model-00003-of-00002.bin")
+    report = import_reference_path(model, str(tmp_path / "vicuna_ltu"))
+    assert report.ok, report.problems()
+    assert {n.split(".")[1] for n in report.fresh} == {"proj", "base_model"}  # projection and LoRA
+
+
+def test_estimate_builds_a_model_folder_without_reading_its_weights(tmp_path, capsys):
+    from transformers import LlamaConfig
+
+    from gama_ds.cli import main
+    from gama_ds.model.llm import PRESETS
+
+    LlamaConfig(**PRESETS["tiny"]).save_pretrained(tmp_path / "llm")  # a config, no weights at all
+    assert main(["estimate", "tiny", f"model.llm={tmp_path / 'llm'}", "--json", "--world-size", "2"]) == 0
+    est = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert est["params"]["llm"]["total"] > 0
 
 
 def test_bin_files_load_without_running_pickled_code(tmp_path):

@@ -9,14 +9,18 @@ from .llm import DTYPES, build_llm
 from .weights import set_trainable
 
 
-def build_model(cfg, vocab_size: int | None = None) -> GamaModel:
+def build_model(
+    cfg, vocab_size: int | None = None, compute_dtype=None, load_weights: bool = True
+) -> GamaModel:
     """LLM (preset or folder) + audio modules + LoRA + trainable groups, on the current device.
 
-    Under `torch.device("meta")` nothing is allocated, which is how `gama-ds estimate`
-    sizes a 7B model in seconds.
+    `compute_dtype` is the precision the model will run in (the engine's), which picks the
+    attention kernel. With `load_weights=False` under `torch.device("meta")` nothing is
+    allocated or read, which is how `gama-ds estimate` sizes a 7B model in seconds. Build
+    outside `deepspeed.zero.Init`: the audio modules initialise their weights in place.
     """
     cfg.check()
-    llm = build_llm(cfg.llm, cfg.dtype, cfg.attn_implementation, vocab_size)
+    llm = build_llm(cfg.llm, cfg.dtype, cfg.attn_implementation, vocab_size, compute_dtype, load_weights)
     audio_cls = GamaAudio if cfg.variant == "gama" else LtuAudio
     audio = audio_cls(cfg, llm.config.hidden_size).to(DTYPES[cfg.dtype])
     if cfg.gradient_checkpointing:

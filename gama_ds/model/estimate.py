@@ -88,4 +88,4 @@ def build_on_meta(cfg):
     from .build import build_model
 
     with torch.device("meta"):
-        return build_model(cfg)
+        return build_model(cfg, load_weights=False)

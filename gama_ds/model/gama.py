@@ -31,6 +31,15 @@ def projection(width: int, hidden: int, two_layer: bool = True) -> nn.Sequential
     return nn.Sequential(norm, nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, hidden))
 
 
+def init_linears(module: nn.Module) -> None:
+    """The reference's init for modules that start fresh (the LLM's _init_weights):
+    weights N(0, 0.02), biases 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+
+
 class GamaAudio(nn.Module):
     """fbank [B, 1024, 128] -> prefix [B, 96, hidden]."""
 
@@ -44,6 +53,8 @@ class GamaAudio(nn.Module):
         )
         self.proj_qformer = projection(a.width, hidden)
         self.proj_aggregator = projection(a.width, hidden)
+        for module in (self.aggregator, self.proj_qformer, self.proj_aggregator):
+            init_linears(module)
 
     @property
     def num_tokens(self) -> int:
@@ -78,6 +89,7 @@ class LtuAudio(nn.Module):
         self.encoder = AudioEncoder(a.width, a.heads, a.encoder_depth, a.taps, a.mlp_ratio)
         del self.encoder.norm_j, self.encoder.norm_k  # LTU has no taps
         self.proj = projection(a.width, hidden, two_layer=False)
+        init_linears(self.proj)
 
     @property
     def num_tokens(self) -> int:
@@ -170,7 +182,19 @@ class GamaModel(nn.Module):
         alone. Greedy, sampling and beam search all go through `llm.generate`.
         """
         embeds, mask = self._inputs(fbank, input_ids, attention_mask, has_audio)
+        if "synced_gpus" not in generate_kwargs:
+            # Under ZeRO-3 every forward gathers parameters from all ranks, so a rank that has
+            # finished must keep stepping until all have; transformers only knows when asked.
+            generate_kwargs["synced_gpus"] = _zero3_distributed(self)
         return self.llm.generate(inputs_embeds=embeds, attention_mask=mask, **generate_kwargs)
+
+
+def _zero3_distributed(model: nn.Module) -> bool:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    return any(hasattr(p, "ds_id") for p in model.parameters())
 
 
 def positions(mask: torch.Tensor) -> torch.Tensor:

@@ -62,27 +62,39 @@ def flash_attention_usable() -> bool:
     return torch.cuda.get_device_capability()[0] >= 8  # flash-attn 2 needs Ampere or newer
 
 
-def choose_attention(requested: str, dtype: torch.dtype) -> str:
-    """'auto' -> flash_attention_2 where it can run (GPU, half precision), else sdpa."""
+def choose_attention(requested: str, compute_dtype: torch.dtype) -> str:
+    """'auto' -> flash_attention_2 where it can run (flash-attn on an Ampere+ GPU, 16-bit
+    compute), else sdpa. `compute_dtype` is the training or inference precision, which may
+    differ from the dtype the weights are built in (DeepSpeed casts them for bf16)."""
+    half = compute_dtype in (torch.bfloat16, torch.float16)
     if requested == "auto":
-        usable = flash_attention_usable() and dtype in (torch.bfloat16, torch.float16)
-        choice = "flash_attention_2" if usable else "sdpa"
+        choice = "flash_attention_2" if half and flash_attention_usable() else "sdpa"
     else:
         if requested == "flash_attention_2" and not flash_attention_usable():
             raise ValueError(
                 "model.attn_implementation flash_attention_2 needs flash-attn on an Ampere or newer GPU; "
                 "install gama_ds[flash] there, or use sdpa"
             )
+        if requested == "flash_attention_2" and not half:
+            raise ValueError("flash_attention_2 runs in bf16 or fp16 only; train in bf16 or use sdpa")
         choice = requested
     log.info("attention implementation: %s", choice)
     return choice
 
 
-def build_llm(name: str, dtype: str = "float32", attn: str = "auto", vocab_size: int | None = None):
-    """A causal LM: random weights for a preset, the folder's weights for a path."""
+def build_llm(
+    name: str,
+    dtype: str = "float32",
+    attn: str = "auto",
+    vocab_size: int | None = None,
+    compute_dtype: torch.dtype | None = None,
+    load_weights: bool = True,
+):
+    """A causal LM: the folder's weights for a path, random weights for a preset (or for any
+    model when `load_weights` is False, as on the meta device)."""
     torch_dtype = DTYPES[dtype]
-    attn_impl = choose_attention(attn, torch_dtype)
-    if is_preset(name):
+    attn_impl = choose_attention(attn, compute_dtype or torch_dtype)
+    if is_preset(name) or not load_weights:
         config = llm_config(name, vocab_size)
         return AutoModelForCausalLM.from_config(config, attn_implementation=attn_impl, dtype=torch_dtype)
     return AutoModelForCausalLM.from_pretrained(name, attn_implementation=attn_impl, dtype=torch_dtype)

@@ -29,13 +29,10 @@ class AudioQFormer(nn.Module):
             encoder_hidden_size=width,
         )
         config._attn_implementation = "sdpa"
+        self.num_queries = num_queries  # an int: under ZeRO-3 the parameter's shape is [0]
         self.input_norm = nn.LayerNorm(width)  # the reference's qformer_proj_norm (BLIP-2's ln_vision)
         self.query_tokens = nn.Parameter(torch.empty(1, num_queries, width).normal_(std=0.02))
         self.bert = Blip2QFormerModel(config)
-
-    @property
-    def num_queries(self) -> int:
-        return self.query_tokens.shape[1]
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """[B, 64, width] encoder tokens -> [B, num_queries, width]."""

@@ -202,6 +202,12 @@ def import_reference(
             report.fresh.append(name)
         else:
             report.missing.append(name)
+    partitioned = [n for n in mapped if hasattr(ours[n], "ds_id")]
+    if partitioned:
+        raise ValueError(
+            f"{len(partitioned)} parameters (e.g. {partitioned[0]}) are ZeRO-3 partitions; import the "
+            "reference weights before deepspeed.initialize, or inside deepspeed.zero.GatheredParameters"
+        )
     if report.ok:
         with torch.no_grad():
             for name, tensor in mapped.items():
@@ -230,8 +236,9 @@ _AUDIO_PREFIXES = ("audio_encoder.", "audio_", "Qformer.", "query_tokens", "qfor
 def import_reference_path(model, path: str) -> ImportReport:
     """Import a reference GAMA/LTU checkpoint by what it is.
 
-    - a base folder (`Llama-2-7b-chat-hf-qformer`): the audio tensors of its safetensors
-      files; the aggregator, projections, tap norms and LoRA are new in stage 1;
+    - a base folder: GAMA's `Llama-2-7b-chat-hf-qformer` (safetensors) or LTU's `vicuna_ltu`
+      (sharded `pytorch_model-*-of-*.bin`): the audio tensors among its files; the
+      aggregator, projections, tap norms and LoRA are new in stage 1;
     - a stage checkpoint (`checkpoint-N/` or its `pytorch_model.bin`): every audio tensor and,
       when present, LoRA; a stage-1 checkpoint has none, so LoRA may start fresh.
     The LLM's own weights come from `model.llm` (a folder) when the model is built.
@@ -239,24 +246,39 @@ def import_reference_path(model, path: str) -> ImportReport:
     import glob
     import os
 
-    if os.path.isdir(path) and glob.glob(os.path.join(path, "*.safetensors")):
-        from safetensors import safe_open
-
-        state = {}
-        for file in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
-            with safe_open(file, framework="pt") as f:
-                for key in f.keys():
-                    if strip_prefix(key).startswith(_AUDIO_PREFIXES):
-                        state[key] = f.get_tensor(key)
-        return import_reference(
-            model,
-            state,
-            allow_fresh={"aggregator", "projections", "lora"},
-            fresh_prefixes=("audio.encoder.norm_j.", "audio.encoder.norm_k."),
-        )
+    if os.path.isdir(path):
+        safetensors = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+        shards = sorted(glob.glob(os.path.join(path, "pytorch_model-*-of-*.bin")))
+        if safetensors or shards:
+            state = {}
+            for file in safetensors + shards:
+                for key, tensor in _audio_tensors(file):
+                    state[key] = tensor
+            return import_reference(
+                model,
+                state,
+                allow_fresh={"aggregator", "projections", "lora"},
+                fresh_prefixes=("audio.encoder.norm_j.", "audio.encoder.norm_k."),
+            )
     file = os.path.join(path, "pytorch_model.bin") if os.path.isdir(path) else path
     if not os.path.isfile(file):
         raise FileNotFoundError(
-            f"{path}: neither a folder of safetensors nor a checkpoint's pytorch_model.bin"
+            f"{path}: not a base folder (safetensors or pytorch_model-*-of-*.bin) nor a stage checkpoint "
+            "(pytorch_model.bin)"
         )
     return import_reference(model, load_reference_file(file), allow_fresh={"lora"})
+
+
+def _audio_tensors(file: str):
+    """The audio-side tensors of one base-folder file; the LLM's are the LLM loader's."""
+    if file.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                if strip_prefix(key).startswith(_AUDIO_PREFIXES):
+                    yield key, f.get_tensor(key)
+        return
+    for key, tensor in load_reference_file(file).items():
+        if strip_prefix(key).startswith(_AUDIO_PREFIXES):
+            yield key, tensor

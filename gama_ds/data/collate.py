@@ -1,0 +1,114 @@
+"""Examples -> model batches: prompt template, tokenisation, labels, padding.
+
+The reference's recipe (reference/gama.md §1.7, §3.2): the `alpaca_short` template, the
+answer appended directly after the prompt, truncation at `cutoff_len` text tokens, EOS
+appended when it fits, and by default the whole text supervised (`train_on_inputs`). Text is
+right-padded; padding and (optionally) the prompt get label -100. The fbank is padded to
+1024 frames with the normalised pad value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..audio import NUM_MEL_BINS, PAD_VALUE, TARGET_FRAMES, pad_features
+
+IGNORE = -100
+TEMPLATES = {
+    "alpaca_short": {
+        "with_input": "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
+        "no_input": "### Instruction:\n{instruction}\n\n### Response:\n",
+    },
+}
+
+
+@dataclass
+class Example:
+    """One QA pair of one clip; `fbank` is None for a text-only example."""
+
+    key: str  # "<set>/<shard>/<sample key>#<qa index>": unique, for tracing and resume tests
+    fbank: np.ndarray | None  # float16 [n_frames, 128], unpadded
+    qa: dict
+
+
+def prompt_text(qa: dict, template: str = "alpaca_short") -> str:
+    parts = TEMPLATES[template]
+    form = parts["with_input"] if qa.get("input") else parts["no_input"]
+    return form.format(instruction=qa["instruction"], input=qa.get("input", ""))
+
+
+def ensure_pad_token(tokenizer) -> None:
+    """Give a tokenizer without a pad token one that is already in its vocabulary.
+
+    Padding is always masked by the attention mask and labelled -100 by position, so reusing
+    unk (Llama's choice at inference) or eos (the reference's choice in training) is safe; the
+    vocabulary, and so the LLM's embedding matrix, never changes.
+    """
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
+    if tokenizer.pad_token is None:
+        raise ValueError("the tokenizer has no pad, unk or eos token to pad with")
+
+
+class Collator:
+    def __init__(
+        self,
+        tokenizer,
+        cutoff_len: int = 108,
+        template: str = "alpaca_short",
+        train_on_inputs: bool = True,
+        add_eos: bool = True,
+    ):
+        if template not in TEMPLATES:
+            raise ValueError(f"unknown prompt template {template!r}; known: {', '.join(TEMPLATES)}")
+        ensure_pad_token(tokenizer)
+        self.tokenizer = tokenizer
+        self.cutoff_len = cutoff_len
+        self.template = template
+        self.train_on_inputs = train_on_inputs
+        self.add_eos = add_eos
+
+    def tokenize(self, qa: dict) -> tuple[list[int], list[int]]:
+        """(input_ids, labels) of one QA pair, as the reference's `tokenize` does it."""
+        prompt = prompt_text(qa, self.template)
+        tok = self.tokenizer
+        ids = tok(prompt + qa["output"], truncation=True, max_length=self.cutoff_len)["input_ids"]
+        if self.add_eos and len(ids) < self.cutoff_len and (not ids or ids[-1] != tok.eos_token_id):
+            ids = ids + [tok.eos_token_id]
+        labels = list(ids)
+        if not self.train_on_inputs:
+            n_prompt = len(tok(prompt, truncation=True, max_length=self.cutoff_len)["input_ids"])
+            labels[:n_prompt] = [IGNORE] * min(n_prompt, len(labels))
+        return ids, labels
+
+    def length(self, example: Example) -> int:
+        return len(self.tokenize(example.qa)[0])
+
+    def __call__(self, examples: list[Example], with_audio: bool = True) -> dict[str, torch.Tensor]:
+        tokenized = [self.tokenize(e.qa) for e in examples]
+        width = max(len(ids) for ids, _ in tokenized)
+        b = len(examples)
+        input_ids = torch.full((b, width), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((b, width), dtype=torch.long)
+        labels = torch.full((b, width), IGNORE, dtype=torch.long)
+        for i, (ids, lab) in enumerate(tokenized):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            attention_mask[i, : len(ids)] = 1
+            labels[i, : len(lab)] = torch.tensor(lab)
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "has_audio": torch.tensor([e.fbank is not None for e in examples]),
+            "text_tokens": attention_mask.sum(),  # real text tokens, for throughput
+            "pad_fraction": 1.0 - attention_mask.float().mean(),
+        }
+        if with_audio:
+            silent = torch.full((TARGET_FRAMES, NUM_MEL_BINS), PAD_VALUE)
+            batch["fbank"] = torch.stack(
+                [silent if e.fbank is None else pad_features(torch.from_numpy(e.fbank)) for e in examples]
+            )
+        return batch
