@@ -84,9 +84,8 @@ def timed(loader) -> tuple[int, float, float]:
 
 
 def main(n_clips: int = 96, repeats: int = 2) -> None:
-    print(
-        f"training input, {n_clips} clips of 10 s (44.1 kHz flac) x 4 QA, micro-batch {MICRO}, 2 workers, {machine()}"
-    )
+    print(f"training input, {n_clips} clips of 10 s (44.1 kHz flac) x 4 QA, micro-batch {MICRO}, 2 workers")
+    print(f"  {machine()}")
     collator = Collator(byte_tokenizer(), cutoff_len=108)
     with tempfile.TemporaryDirectory() as tmp:
         clips = write_clips(os.path.join(tmp, "audio"), n_clips, sr=44100, ext="flac")
