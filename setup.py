@@ -25,6 +25,8 @@ setup(
         "safetensors==0.8.0",
         "pyyaml==6.0.3",
         "tqdm==4.70.1",
+        "tensorboard==2.21.0",
+        "matplotlib==3.11.2",
     ],
     extras_require={
         "flash": ["flash-attn==2.8.3.post2"],

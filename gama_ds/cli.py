@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 
@@ -126,8 +127,6 @@ def _add_show(sub) -> None:
 
 
 def _show(args) -> int:
-    import os
-
     from .data.shards import iter_samples, read_index
 
     index = read_index(args.dir)
@@ -188,6 +187,22 @@ def _estimate(args) -> int:
     return 0
 
 
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a recipe with DeepSpeed (under deepspeed/torchrun or alone)")
+    p.add_argument("recipe", help="a recipe file or a bundled name (stage1 ... stage5, tiny)")
+    p.add_argument("overrides", nargs="*", help="key=value recipe overrides, e.g. train.micro_batch_size=2")
+    p.add_argument("--resume", help="'auto' (the latest complete checkpoint) or a checkpoint tag")
+
+
+def _train(args) -> int:
+    from .train.loop import train
+
+    result = train(args.recipe, args.overrides, args.resume)
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps(result))
+    return 0
+
+
 def _add_synth(sub) -> None:
     p = sub.add_parser("synth", help="write a small synthetic audio QA set (audio files + JSON)")
     p.add_argument("--out", required=True)
@@ -209,6 +224,7 @@ COMMANDS = {
     "verify": (_add_verify, _verify),
     "show": (_add_show, _show),
     "estimate": (_add_estimate, _estimate),
+    "train": (_add_train, _train),
     "synth": (_add_synth, _synth),
 }
 

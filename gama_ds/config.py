@@ -89,31 +89,142 @@ class ModelConfig:
 
 
 @dataclass
+class ShardSource:
+    path: str  # a directory written by `gama-ds convert`
+    weight: float = 1.0  # mixing weight among the training sets
+
+
+@dataclass
 class DataConfig:
+    train: tuple[ShardSource, ...] = ()  # shard sets to train on, mixed by weight
+    eval: tuple[ShardSource, ...] = ()  # held-out shard sets for the periodic eval loss
     cutoff_len: int = 108  # text tokens per QA pair after truncation (the reference's cutoff)
+    tokenizer: str | None = None  # an HF tokenizer folder, or "bytes"; default: model.llm's folder
+    template: str = "alpaca_short"  # the prompt template
+    train_on_inputs: bool = True  # supervise the prompt too, as the reference does
+    num_workers: int = 2  # DataLoader workers per rank (0: batches made in the training process)
+    start_method: str = "forkserver"  # how DataLoader workers start: forkserver | spawn
+    shuffle_buffer: int = 1000  # examples held for shuffling, per worker and shard set
+    examples_per_clip: int = 0  # 0: every QA pair of a clip each epoch; k: k of them
+    bucket_batches: int = 8  # micro-batches per length-sorting window (1: no bucketing)
+    on_bad_sample: str = "fail"  # fail | skip
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4  # peak learning rate
+    group_lr: dict[str, float] = field(default_factory=dict)  # per-group overrides, e.g. {projections: 1e-3}
+    weight_decay: float = 0.0  # the reference trains without weight decay
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 100  # linear warm-up from 0, then linear decay to 0 (the HF default)
+    grad_clip: float = 1.0  # global gradient-norm clipping; 0 turns it off
 
 
 @dataclass
 class TrainConfig:
     global_batch_size: int = 256  # samples per optimizer step, whatever the number of nodes
     micro_batch_size: int = 4  # samples per rank per forward pass
+    epochs: int = 1  # passes over the training stream
+    max_steps: int = 0  # stop after this many optimizer steps (0: the epochs decide)
+    precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp32) | bf16 | fp16 | fp32
+    seed: int = 0  # model init, data order, dropout
+    init: str | None = None  # a gama-ds export, or a reference GAMA/LTU checkpoint, to start from
+    output_dir: str = "runs/train"  # checkpoints, metrics, the resolved recipe
+    eval_every_steps: int = 0  # held-out loss every N steps (0: only at the end)
+
+
+@dataclass
+class DeepSpeedSettings:
+    zero_stage: int = 2  # 2: shard optimizer state and gradients; 3: also the (frozen) LLM
+    config: str | None = None  # a DeepSpeed JSON; default ds_configs/zero<stage>.json
+    offload: bool = False  # ZeRO-3 with optimizer and parameters in CPU memory (zero3_offload.json)
+    param_persistence_threshold: int = 100_000  # ZeRO-3 keeps smaller tensors whole on every rank
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 500  # save every N optimizer steps (and at the end, and on SIGTERM/SIGUSR1)
+    keep: int = 3  # complete checkpoints to keep
+
+
+@dataclass
+class LoggingConfig:
+    every_steps: int = 10  # metrics line every N optimizer steps
+    tensorboard: bool = True
+    plot: bool = True  # loss and learning-rate curves as a PNG at the end
 
 
 @dataclass
 class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def check(self) -> None:
+        """Value checks that need no machine: every number a user sets."""
         self.model.check()
-        for key, value in (
-            ("data.cutoff_len", self.data.cutoff_len),
-            ("train.micro_batch_size", self.train.micro_batch_size),
-            ("train.global_batch_size", self.train.global_batch_size),
-        ):
+        positive = {
+            "data.cutoff_len": self.data.cutoff_len,
+            "data.shuffle_buffer": self.data.shuffle_buffer,
+            "data.bucket_batches": self.data.bucket_batches,
+            "train.micro_batch_size": self.train.micro_batch_size,
+            "train.global_batch_size": self.train.global_batch_size,
+            "train.epochs": self.train.epochs,
+            "checkpoint.every_steps": self.checkpoint.every_steps,
+            "checkpoint.keep": self.checkpoint.keep,
+            "logging.every_steps": self.logging.every_steps,
+        }
+        non_negative = {
+            "data.num_workers": self.data.num_workers,
+            "data.examples_per_clip": self.data.examples_per_clip,
+            "train.max_steps": self.train.max_steps,
+            "train.eval_every_steps": self.train.eval_every_steps,
+            "optim.warmup_steps": self.optim.warmup_steps,
+            "optim.weight_decay": self.optim.weight_decay,
+            "optim.grad_clip": self.optim.grad_clip,
+            "deepspeed.param_persistence_threshold": self.deepspeed.param_persistence_threshold,
+        }
+        for key, value in positive.items():
             if value < 1:
                 raise ConfigError(f"{key} must be at least 1, got {value}")
+        for key, value in non_negative.items():
+            if value < 0:
+                raise ConfigError(f"{key} must not be negative, got {value}")
+        if not self.optim.lr > 0:
+            raise ConfigError(f"optim.lr must be positive, got {self.optim.lr}")
+        for group, lr in self.optim.group_lr.items():
+            if group not in GROUP_NAMES:
+                raise ConfigError(f"optim.group_lr.{group}: no such group; groups: {', '.join(GROUP_NAMES)}")
+            if not lr > 0:
+                raise ConfigError(f"optim.group_lr.{group} must be positive, got {lr}")
+        choices = {
+            "train.precision": (self.train.precision, ("auto", "bf16", "fp16", "fp32")),
+            "data.on_bad_sample": (self.data.on_bad_sample, ("fail", "skip")),
+            "data.start_method": (self.data.start_method, ("forkserver", "spawn")),
+            "deepspeed.zero_stage": (self.deepspeed.zero_stage, (2, 3)),
+        }
+        for key, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ConfigError(f"{key} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+        if self.global_batch_indivisible():
+            raise ConfigError(
+                f"train.global_batch_size {self.train.global_batch_size} is not a multiple of "
+                f"train.micro_batch_size {self.train.micro_batch_size}"
+            )
+        for source in self.data.train + self.data.eval:
+            if not source.weight > 0:
+                raise ConfigError(f"data: weight of {source.path} must be positive, got {source.weight}")
+
+    def global_batch_indivisible(self) -> bool:
+        return self.train.global_batch_size % self.train.micro_batch_size != 0
+
+
+GROUP_NAMES = ("llm", "lora", "audio_encoder", "aggregator", "qformer", "projections")
 
 
 def _coerce(value, hint, key: str):
@@ -124,6 +235,11 @@ def _coerce(value, hint, key: str):
         if value is None:
             return None
         return _coerce(value, args[0], key)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        _, value_type = typing.get_args(hint)
+        return {str(k): _coerce(v, value_type, f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping, got {value!r}")
@@ -146,6 +262,11 @@ def _coerce(value, hint, key: str):
             raise ConfigError(f"{key} must be an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, got {value!r}")
         return float(value)

@@ -1,0 +1,279 @@
+"""The training loop, top to bottom: recipe -> checks -> model -> stream -> DeepSpeed -> steps.
+
+Runs on every rank, started by `deepspeed`, `torchrun` or as one plain process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .. import __version__
+from ..config import Recipe, load_recipe
+from ..data.collate import Collator
+from ..data.stream import StreamConfig, StreamLoader, TrainStream, open_sets
+from ..data.tokenizer import load_tokenizer
+from ..model.build import build_model
+from ..model.weights import import_reference_path
+from . import checkpoint
+from .engine import initialize
+from .metrics import Metrics, device_peak_flops, flops_per_token
+from .preflight import RUN_FILE, preflight
+
+log = logging.getLogger("gama_ds.train")
+MODEL_INPUTS = ("fbank", "input_ids", "attention_mask", "labels", "has_audio")
+
+
+def dist_env() -> tuple[int, int, int]:
+    """(world size, rank, local rank) as the launchers set them; one process when unset."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return world, rank, local
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    from dataclasses import asdict
+
+    return hashlib.sha256(json.dumps(asdict(recipe), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def start_process_group(local_rank: int) -> None:
+    import deepspeed
+
+    # One plain process (no launcher) is a world of one.
+    for key, value in (
+        ("RANK", "0"),
+        ("WORLD_SIZE", "1"),
+        ("LOCAL_RANK", "0"),
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("MASTER_PORT", "29500"),
+    ):
+        os.environ.setdefault(key, value)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    deepspeed.init_distributed()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def mean_over_ranks(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t.tolist()
+
+
+class StopSignal:
+    """SIGTERM or SIGUSR1 (preemption, Slurm's warning) asks for a checkpoint and a clean exit."""
+
+    def __init__(self):
+        self.received = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def agreed(self) -> bool:
+        """True on every rank as soon as any rank has the signal, so all save together."""
+        return mean_over_ranks([1.0 if self.received else 0.0])[0] > 0
+
+
+def evaluate(engine, loader, device) -> float:
+    engine.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad():
+        for batch in loader:
+            inputs = {k: batch[k].to(device) for k in MODEL_INPUTS}
+            out = engine(**inputs)
+            n = (inputs["labels"][:, 1:] != -100).sum().item()
+            total += torch.tensor([out.loss.item() * n, n], dtype=torch.float64)
+    engine.train()
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def train(recipe_path: str, overrides: list[str] = (), resume: str | None = None) -> dict:
+    # -- 1. the recipe, and every check, before any process group exists
+    recipe = load_recipe(recipe_path, list(overrides))
+    world, rank, local_rank = dist_env()
+    digest = recipe_hash(recipe)
+    plan = preflight(recipe, world, resume, digest)
+    out_dir, ckpt_dir = recipe.train.output_dir, os.path.join(recipe.train.output_dir, "checkpoints")
+    is_main = rank == 0
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format="%(message)s")
+
+    # -- 2. processes, seeds, tokenizer, model (built identically on every rank)
+    start_process_group(local_rank)
+    seed_everything(recipe.train.seed)
+    tokenizer = load_tokenizer(plan.tokenizer)
+    recipe.model.llm = plan.llm_source
+    model = build_model(
+        recipe.model, compute_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.precision)
+    )
+    if len(tokenizer) > model.llm.config.vocab_size:
+        raise RuntimeError(
+            f"the tokenizer has {len(tokenizer)} tokens, the LLM's vocabulary only "
+            f"{model.llm.config.vocab_size}"
+        )
+    if recipe.train.init is not None:
+        report = import_reference_path(model, recipe.train.init)
+        if not report.ok:
+            raise RuntimeError(f"train.init {recipe.train.init}: {report.problems()}")
+        log.info(
+            "initialised from %s: %d tensors, %d fresh",
+            recipe.train.init,
+            len(report.loaded),
+            len(report.fresh),
+        )
+
+    # -- 3. the data: a stream per rank, equal batch counts by construction
+    d = recipe.data
+    collator = Collator(tokenizer, d.cutoff_len, d.template, d.train_on_inputs)
+    stream_cfg = StreamConfig(
+        micro_batch=recipe.train.micro_batch_size,
+        seed=recipe.train.seed,
+        shuffle_buffer=d.shuffle_buffer,
+        examples_per_clip=d.examples_per_clip,
+        bucket_batches=d.bucket_batches,
+        on_bad_sample=d.on_bad_sample,
+        batch_multiple=plan.accumulation,
+    )
+    sets = open_sets([(s.path, s.weight) for s in d.train])
+    loader = StreamLoader(TrainStream(sets, stream_cfg, collator, rank, world, d.num_workers), d.start_method)
+    eval_loader = None
+    if d.eval:
+        eval_cfg = StreamConfig(micro_batch=recipe.train.micro_batch_size, seed=0, bucket_batches=1)
+        eval_sets = open_sets([(s.path, s.weight) for s in d.eval])
+        eval_loader = StreamLoader(TrainStream(eval_sets, eval_cfg, collator, rank, world, 0))
+    steps_per_epoch = len(loader) // plan.accumulation
+    total_steps = recipe.train.max_steps or steps_per_epoch * recipe.train.epochs
+
+    # -- 4. DeepSpeed
+    engine, scheduler = initialize(model, recipe, plan.ds_config, total_steps)
+    device = engine.device
+    metrics = Metrics(out_dir, is_main, recipe.logging.tensorboard)
+    if is_main:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, RUN_FILE), "w", encoding="utf-8") as f:
+            json.dump(
+                {
+                    "recipe_hash": digest,
+                    "recipe_path": recipe_path,
+                    "overrides": list(overrides),
+                    "argv": sys.argv,
+                    "world_size": world,
+                    "gama_ds": __version__,
+                    "deepspeed_config": plan.ds_config,
+                    "precision": plan.precision,
+                },
+                f,
+                indent=1,
+            )
+
+    # -- 5. resume
+    step = 0
+    if resume is not None:
+        tag = checkpoint.latest_complete(ckpt_dir) if resume == "auto" else resume
+        if tag is not None:
+            state = checkpoint.load(engine, ckpt_dir, tag)
+            if state.get("recipe_hash") != digest:
+                raise RuntimeError(f"{ckpt_dir}/{tag} was written by another recipe")
+            step = state["step"]
+            note = loader.load_state_dict(state["stream"])
+            log.info("resumed from %s at step %d%s", tag, step, f" ({note})" if note else "")
+
+    # -- 6. the loop
+    stop = StopSignal()
+    audio_tokens = model.num_audio_tokens
+    flops = flops_per_token(model)
+    peak = device_peak_flops()
+    from tqdm import tqdm
+
+    bar = tqdm(total=total_steps, initial=step, unit="step", disable=not is_main, dynamic_ncols=True)
+    losses, tokens, samples, pads, tick = [], 0, 0, [], time.perf_counter()
+    last_saved, stopped, done = step, None, step >= total_steps
+
+    def save(at: int) -> None:
+        client = {"step": at, "stream": loader.state_dict(), "recipe_hash": digest}
+        checkpoint.save(engine, ckpt_dir, at, client, recipe.checkpoint.keep)
+
+    while not done:
+        for batch in loader:
+            inputs = {k: batch[k].to(device) for k in MODEL_INPUTS}
+            out = engine(**inputs)
+            engine.backward(out.loss)
+            engine.step()
+            losses.append(out.loss.item())
+            tokens += int(batch["text_tokens"]) + audio_tokens * len(batch["keys"])
+            samples += len(batch["keys"])
+            pads.append(float(batch["pad_fraction"]))
+            if len(losses) % plan.accumulation:
+                continue
+            step += 1  # an optimizer step happened
+            bar.update(1)
+            if step % recipe.logging.every_steps == 0 or step == total_steps:
+                elapsed = time.perf_counter() - tick
+                loss, tok_s, smp_s = mean_over_ranks(
+                    [float(np.mean(losses)), tokens / elapsed, samples / elapsed]
+                )
+                record = {
+                    "step": step,
+                    "epoch": loader.epoch,
+                    "loss": loss,
+                    "lr": scheduler.get_last_lr()[0],
+                    "samples_per_s": smp_s * world,
+                    "tokens_per_s": tok_s * world,
+                    "pad_fraction": float(np.mean(pads)),
+                }
+                if peak:
+                    record["mfu"] = tok_s * flops / peak
+                metrics.log(record)
+                bar.set_postfix(
+                    loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", samples_s=f"{record['samples_per_s']:.1f}"
+                )
+                losses, tokens, samples, pads, tick = [], 0, 0, [], time.perf_counter()
+            if (
+                eval_loader is not None
+                and recipe.train.eval_every_steps
+                and step % recipe.train.eval_every_steps == 0
+            ):
+                metrics.log({"step": step, "eval_loss": evaluate(engine, eval_loader, device)})
+            if step % recipe.checkpoint.every_steps == 0:
+                save(step)
+                last_saved = step
+            if stop.agreed():
+                stopped = stop.received or "a signal on another rank"
+            if stopped or step >= total_steps:
+                done = True
+                break
+
+    # -- 7. the end: a last checkpoint, the held-out loss, the curves
+    if last_saved != step:
+        save(step)
+    result = {"step": step, "total_steps": total_steps, "stopped_by": stopped, "output_dir": out_dir}
+    if eval_loader is not None and not stopped:
+        result["eval_loss"] = evaluate(engine, eval_loader, device)
+        metrics.log({"step": step, "eval_loss": result["eval_loss"]})
+    bar.close()
+    result["plot"] = metrics.close(recipe.logging.plot and not stopped)
+    if stopped:
+        log.info("stopped by %s at step %d; continue with --resume auto", stopped, step)
+    return result

@@ -1,0 +1,96 @@
+"""Training metrics: JSON lines, TensorBoard, a PNG of the curves, and model FLOPs utilisation.
+
+Only rank 0 writes. Throughput counts audio prefix tokens and text tokens; on GPUs MFU is the
+model's FLOPs per second over the device's dense 16-bit peak.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+# Dense bf16 peak FLOP/s per device, from the vendors' data sheets (no sparsity).
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12}
+
+
+def device_peak_flops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+def flops_per_token(model) -> float:
+    """Forward + backward FLOPs per LLM token: 2N forward, 2N for activation gradients, and
+    2N more for weight gradients of the trainable share only (the LLM itself is frozen)."""
+    total = trainable = 0
+    for p in model.parameters():
+        n = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+        total += n
+        trainable += n if p.requires_grad else 0
+    return 4.0 * total + 2.0 * trainable
+
+
+class Metrics:
+    def __init__(self, out_dir: str, active: bool, tensorboard: bool):
+        self.active = active
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.writer = None
+        if active:
+            os.makedirs(out_dir, exist_ok=True)
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+
+    def log(self, record: dict) -> None:
+        if not self.active:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.writer.add_scalar(key, value, record["step"])
+
+    def close(self, plot: bool) -> str | None:
+        if not self.active:
+            return None
+        if self.writer is not None:
+            self.writer.close()
+        return plot_curves(self.path) if plot else None
+
+
+def read(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(path: str) -> str | None:
+    records = [r for r in read(path) if "loss" in r]
+    if not records:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(10, 3.6))
+    steps = [r["step"] for r in records]
+    ax_loss.plot(steps, [r["loss"] for r in records], label="train")
+    evals = [r for r in read(path) if "eval_loss" in r]
+    if evals:
+        ax_loss.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval")
+    ax_loss.set(xlabel="step", ylabel="loss", title="loss")
+    ax_loss.legend()
+    ax_lr.plot(steps, [r["lr"] for r in records])
+    ax_lr.set(xlabel="step", ylabel="learning rate", title="learning rate")
+    fig.tight_layout()
+    out = os.path.join(os.path.dirname(path), "curves.png")
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

@@ -1,0 +1,132 @@
+"""Every check that can fail a run, made before any process group starts.
+
+Each message says what to change. Runs on every rank (cheap: it reads recipe, indexes and
+configs, never weights), so no rank starts collectives that another rank will never join.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..config import ConfigError, Recipe
+from ..data.shards import ShardError
+from ..data.stream import EpochPlan, StreamConfig, StreamError, open_sets
+from ..data.tokenizer import BYTES
+from ..model.llm import PRESETS, choose_attention, is_preset
+from .checkpoint import complete_tags
+from .engine import accumulation_steps, resolve_ds_config, resolve_precision
+
+RUN_FILE = "run.json"
+_SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+@dataclass
+class Plan:
+    """What preflight resolved, for the trainer to use."""
+
+    precision: str
+    accumulation: int
+    llm_source: str  # a preset name or a model folder
+    tokenizer: str
+    ds_config: dict
+
+
+def _is_hf_folder(path: str | None) -> bool:
+    return bool(path) and os.path.isfile(os.path.join(path, "config.json"))
+
+
+def llm_source(recipe: Recipe) -> str:
+    """Where the LLM's weights come from: model.llm, or a reference base folder given as init."""
+    m = recipe.model.llm
+    return recipe.train.init if is_preset(m) and _is_hf_folder(recipe.train.init) else m
+
+
+def check_llm_shapes(recipe: Recipe) -> None:
+    init = recipe.train.init
+    if not (is_preset(recipe.model.llm) and _is_hf_folder(init)):
+        return
+    with open(os.path.join(init, "config.json"), encoding="utf-8") as f:
+        found = json.load(f)
+    preset = PRESETS[recipe.model.llm]
+    wrong = [f"{k} {preset[k]} vs {found.get(k)}" for k in _SHAPE_KEYS if found.get(k) != preset[k]]
+    if wrong:
+        raise ConfigError(
+            f"model.llm preset {recipe.model.llm!r} disagrees with the weights in {init}: "
+            f"{'; '.join(wrong)}; set model.llm to {init} or to the matching preset"
+        )
+
+
+def check_shards(recipe: Recipe, world_size: int, accumulation: int) -> None:
+    d = recipe.data
+    if not d.train:
+        raise ConfigError("data.train lists no shard sets; e.g. 'data.train=[{path: shards/train}]'")
+    for sources, workers, what in ((d.train, d.num_workers, "data.train"), (d.eval, 0, "data.eval")):
+        if not sources:
+            continue
+        for source in sources:
+            if not os.path.isdir(source.path):
+                raise ConfigError(f"{what}: {source.path} is not a directory")
+        try:
+            sets = open_sets([(s.path, s.weight) for s in sources])
+            cfg = StreamConfig(
+                micro_batch=recipe.train.micro_batch_size,
+                examples_per_clip=d.examples_per_clip,
+                batch_multiple=accumulation if what == "data.train" else 1,
+            )
+            EpochPlan(sets, cfg, 0, world_size, max(1, workers))
+        except (StreamError, ShardError) as err:
+            raise ConfigError(f"{what}: {err}") from None
+
+
+def check_output_dir(recipe: Recipe, resume: str | None, recipe_hash: str) -> None:
+    out = recipe.train.output_dir
+    run_file = os.path.join(out, RUN_FILE)
+    has_checkpoints = bool(complete_tags(os.path.join(out, "checkpoints")))
+    if resume is None and (os.path.exists(run_file) or has_checkpoints):
+        raise ConfigError(
+            f"train.output_dir {out} holds another run; pass --resume auto to continue it, "
+            "or choose another train.output_dir"
+        )
+    if resume is not None and os.path.exists(run_file):
+        with open(run_file, encoding="utf-8") as f:
+            previous = json.load(f).get("recipe_hash")
+        if previous not in (None, recipe_hash):
+            raise ConfigError(
+                f"train.output_dir {out} was trained with another recipe; resuming needs the same recipe "
+                "and overrides (see its run.json), or another train.output_dir"
+            )
+
+
+def preflight(recipe: Recipe, world_size: int, resume: str | None, recipe_hash: str) -> Plan:
+    recipe.check()
+    if recipe.deepspeed.offload and recipe.deepspeed.zero_stage != 3:
+        raise ConfigError("deepspeed.offload needs deepspeed.zero_stage 3")
+    accumulation = accumulation_steps(recipe, world_size)
+    precision = resolve_precision(recipe)
+    compute = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    try:
+        choose_attention(recipe.model.attn_implementation, compute)
+    except ValueError as err:
+        raise ConfigError(f"model.attn_implementation: {err}") from None
+    init = recipe.train.init
+    if init is not None and not os.path.exists(init):
+        raise ConfigError(
+            f"train.init {init} does not exist; give the previous stage's export or a reference checkpoint"
+        )
+    check_llm_shapes(recipe)
+    source = llm_source(recipe)
+    tokenizer = recipe.data.tokenizer or (source if os.path.isdir(source) else None)
+    if tokenizer is None:
+        raise ConfigError(
+            f"data.tokenizer is needed with the LLM preset {source!r}: an HF tokenizer folder or 'bytes'"
+        )
+    if tokenizer != BYTES and not os.path.isdir(tokenizer):
+        raise ConfigError(f"data.tokenizer {tokenizer} is not a folder (or 'bytes')")
+    check_shards(recipe, world_size, accumulation)
+    check_output_dir(recipe, resume, recipe_hash)
+    ds_config = resolve_ds_config(recipe, world_size)
+    return Plan(precision, accumulation, source, tokenizer, ds_config)
