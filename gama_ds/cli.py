@@ -192,12 +192,19 @@ def _add_train(sub) -> None:
     p.add_argument("recipe", help="a recipe file or a bundled name (stage1 ... stage5, tiny)")
     p.add_argument("overrides", nargs="*", help="key=value recipe overrides, e.g. train.micro_batch_size=2")
     p.add_argument("--resume", help="'auto' (the latest complete checkpoint) or a checkpoint tag")
+    p.add_argument(
+        "--stop-at",
+        type=int,
+        default=0,
+        metavar="STEP",
+        help="save and stop after this optimizer step, as a preemption would (then --resume auto)",
+    )
 
 
 def _train(args) -> int:
     from .train.loop import train
 
-    result = train(args.recipe, args.overrides, args.resume)
+    result = train(args.recipe, args.overrides, args.resume, args.stop_at)
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps(result))
     return 0

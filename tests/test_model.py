@@ -32,10 +32,10 @@ def model():
 def test_shapes_through_every_module(model):
     b = batch()
     audio = model.audio
-    enc = audio.encoder(b["fbank"])
-    assert enc.last.shape == (2, 64, 64) and [t.shape for t in enc.taps] == [(2, 64, 64)] * 2
-    assert audio.aggregator(enc.last, enc.taps).shape == (2, 64, 64)
-    assert audio.qformer(enc.last).shape == (2, 8, 64)
+    last, *taps = audio.encoder(b["fbank"])
+    assert last.shape == (2, 64, 64) and [t.shape for t in taps] == [(2, 64, 64)] * 2
+    assert audio.aggregator(last, taps).shape == (2, 64, 64)
+    assert audio.qformer(last).shape == (2, 8, 64)
     assert audio(b["fbank"]).shape == (2, 8 + 64, model.llm.config.hidden_size)
     assert model.num_audio_tokens == 72
     out = model(**b, labels=b["input_ids"])

@@ -12,8 +12,6 @@ Parameter names match the reference's `audio_encoder.*` so its weights load by n
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -93,12 +91,6 @@ def sincos_2d(dim: int, rows: int, cols: int) -> np.ndarray:
     return np.concatenate([one_axis(dim // 2, grid_w), one_axis(dim // 2, grid_h)], axis=1)
 
 
-@dataclass
-class EncoderOutput:
-    last: torch.Tensor  # [B, 64, dim], pooled and scaled
-    taps: tuple[torch.Tensor, torch.Tensor] | None  # (deeper, shallower), same form
-
-
 class AudioEncoder(nn.Module):
     def __init__(self, dim: int = 768, heads: int = 12, depth: int = 12, taps=(8, 4), mlp_ratio: float = 4.0):
         super().__init__()
@@ -138,7 +130,12 @@ class AudioEncoder(nn.Module):
             return checkpoint(block, x, use_reentrant=False)
         return block(x)
 
-    def forward(self, fbank: torch.Tensor, with_taps: bool = True) -> EncoderOutput:
+    def forward(self, fbank: torch.Tensor, with_taps: bool = True) -> tuple[torch.Tensor, ...]:
+        """(last,) or (last, deeper tap, shallower tap), each [B, 64, dim], pooled and scaled.
+
+        A plain tuple of tensors, not a dataclass: ZeRO-3 finds the tensors a module returns to
+        hook its backward pass (and re-gather its parameters) only in tuples, lists and dicts.
+        """
         x = self.patch_embed_a(fbank) + self.pos_embed_a + self.modality_a
         tapped = {}
         for i, block in enumerate(self.blocks_a):
@@ -149,8 +146,6 @@ class AudioEncoder(nn.Module):
             x = self._run(block, x)
         last = self.pool(self.norm_a(x))
         if not with_taps:
-            return EncoderOutput(last, None)
+            return (last,)
         deep, shallow = self.taps
-        return EncoderOutput(
-            last, (self.pool(self.norm_j(tapped[deep])), self.pool(self.norm_k(tapped[shallow])))
-        )
+        return last, self.pool(self.norm_j(tapped[deep])), self.pool(self.norm_k(tapped[shallow]))

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.utils import ModelOutput
 
 from .aggregator import Aggregator
 from .encoder import AudioEncoder
@@ -62,11 +63,10 @@ class GamaAudio(nn.Module):
 
     def forward(self, fbank: torch.Tensor) -> torch.Tensor:
         paper = self.aggregator.mode == "paper"
-        enc = self.encoder(fbank, with_taps=paper)
+        last, *taps = self.encoder(fbank, with_taps=paper)
         # Released mode never reads the taps, so it does not compute them.
-        taps = enc.taps if paper else (enc.last, enc.last)
-        aggregated = self.aggregator(enc.last, taps)
-        queried = self.qformer(enc.last)
+        aggregated = self.aggregator(last, tuple(taps) if paper else (last, last))
+        queried = self.qformer(last)
         return torch.cat([self.proj_qformer(queried), self.proj_aggregator(aggregated)], dim=1)
 
     def unused_parameters(self) -> list[str]:
@@ -96,7 +96,7 @@ class LtuAudio(nn.Module):
         return self.encoder.cols // 2
 
     def forward(self, fbank: torch.Tensor) -> torch.Tensor:
-        tokens = self.encoder(fbank, with_taps=False).last  # [B, 64, width]
+        (tokens,) = self.encoder(fbank, with_taps=False)  # [B, 64, width]
         pooled = F.avg_pool1d(tokens.transpose(1, 2), kernel_size=2, stride=2).transpose(1, 2)
         return self.proj(pooled)
 
@@ -105,9 +105,11 @@ class LtuAudio(nn.Module):
 
 
 @dataclass
-class GamaOutput:
-    loss: torch.Tensor | None
-    logits: torch.Tensor  # [B, T, vocab]: text positions only
+class GamaOutput(ModelOutput):
+    """A transformers ModelOutput, which ZeRO-3's hooks can look into (a plain dataclass they cannot)."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None  # [B, T, vocab]: text positions only
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

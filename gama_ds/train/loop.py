@@ -13,6 +13,7 @@ import random
 import signal
 import sys
 import time
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -43,8 +44,6 @@ def dist_env() -> tuple[int, int, int]:
 
 
 def recipe_hash(recipe: Recipe) -> str:
-    from dataclasses import asdict
-
     return hashlib.sha256(json.dumps(asdict(recipe), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -110,7 +109,46 @@ def evaluate(engine, loader, device) -> float:
     return (total[0] / total[1].clamp(min=1)).item()
 
 
-def train(recipe_path: str, overrides: list[str] = (), resume: str | None = None) -> dict:
+def launch_info() -> dict:
+    """How this job was started: the launcher's variables, the node list, the code's commit."""
+    keys = (
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "WORLD_SIZE",
+        "LOCAL_WORLD_SIZE",
+        "SLURM_JOB_ID",
+        "SLURM_JOB_NODELIST",
+        "SLURM_NNODES",
+        "HOSTFILE",
+    )
+    info = {k: os.environ[k] for k in keys if k in os.environ}
+    try:
+        import subprocess
+
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        info["commit"] = (
+            subprocess.run(
+                ["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
+    except (OSError, subprocess.SubprocessError):
+        info["commit"] = None
+    return info
+
+
+def local_share(model) -> float:
+    """The share of the LLM's elements this rank holds: 1 unless ZeRO-3 partitioned it."""
+    held = total = 0
+    for p in model.llm.parameters():
+        n = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+        total += n
+        held += p.ds_tensor.numel() if hasattr(p, "ds_tensor") else n
+    return held / max(total, 1)
+
+
+def train(recipe_path: str, overrides: list[str] = (), resume: str | None = None, stop_at: int = 0) -> dict:
+    """Train a recipe; `stop_at` stops cleanly after that step as a preemption would."""
     # -- 1. the recipe, and every check, before any process group exists
     recipe = load_recipe(recipe_path, list(overrides))
     world, rank, local_rank = dist_env()
@@ -183,6 +221,9 @@ def train(recipe_path: str, overrides: list[str] = (), resume: str | None = None
                     "gama_ds": __version__,
                     "deepspeed_config": plan.ds_config,
                     "precision": plan.precision,
+                    "recipe": asdict(recipe),
+                    "launch": launch_info(),
+                    "llm_share_on_rank0": local_share(model),
                 },
                 f,
                 indent=1,
@@ -261,6 +302,8 @@ def train(recipe_path: str, overrides: list[str] = (), resume: str | None = None
                 last_saved = step
             if stop.agreed():
                 stopped = stop.received or "a signal on another rank"
+            elif stop_at and step >= stop_at:
+                stopped = f"--stop-at {stop_at}"
             if stopped or step >= total_steps:
                 done = True
                 break

@@ -1,0 +1,148 @@
+"""Real DeepSpeed, 2 CPU ranks (gloo), the tiny recipe, real shards: the engine and the loop."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from gama_ds.config import ConfigError, load_recipe
+from gama_ds.data.convert import ConvertOptions, convert
+from gama_ds.synth import synthesize
+from gama_ds.train.checkpoint import COMPLETE, complete_tags
+from gama_ds.train.loop import recipe_hash
+from gama_ds.train.preflight import preflight
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+# Dropout off, so that runs that see the same data must give the same losses.
+SAME = ["model.audio.aggregator_dropout=0.0", "logging.every_steps=1", "logging.tensorboard=false",
+        "logging.plot=false", "checkpoint.every_steps=1000"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train")
+    data = synthesize(str(tmp / "audio"), clips=32, test_clips=8, seed=0)
+    for name, src, per in (("train", data["train"], 4), ("test", data["test"], 2)):
+        convert([src], str(tmp / name), ConvertOptions(shard_samples=per), workers=1, progress=False,
+                log=lambda m: None)
+    return tmp  # 8 training shards x 4 clips x 4 QA = 128 examples: 8 steps of 16
+
+
+def env() -> dict:
+    e = dict(os.environ, OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=os.path.join(ROOT, ".torch_extensions"))
+    e.pop("RANK", None)
+    e.pop("WORLD_SIZE", None)
+    return e
+
+
+_port = [29610]
+
+
+def run(shards, out, launcher, overrides=(), extra=(), ranks=2):
+    _port[0] += 1
+    args = ["tiny", f"data.train=[{{path: {shards / 'train'}}}]", f"data.eval=[{{path: {shards / 'test'}}}]",
+            f"train.output_dir={out}", *SAME, *overrides, *extra]
+    if launcher == "torchrun":
+        cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", str(ranks), "--master_port", str(_port[0]),
+               "-m", "gama_ds.train", *args]
+    elif launcher == "deepspeed":
+        cmd = [os.path.join(BIN, "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(_port[0]),
+               "--module", "gama_ds.train", *args]
+    else:
+        cmd = [sys.executable, "-m", "gama_ds", "train", *args]
+    done = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    # A resumed run appends to the same file: keep this run's lines only.
+    mine = records[run.seen.get(str(out), 0):]
+    run.seen[str(out)] = len(records)
+    return {r["step"]: r["loss"] for r in mine if "loss" in r}, json.load(open(os.path.join(out, "run.json")))
+
+
+run.seen = {}
+
+
+@pytest.fixture(scope="module")
+def zero2(shards):
+    return run(shards, shards / "zero2", "deepspeed")
+
+
+def test_zero2_and_zero3_train_the_same_trajectory(shards, zero2):
+    losses2, run2 = zero2
+    losses3, run3 = run(shards, shards / "zero3", "torchrun",
+                        ["deepspeed.zero_stage=3", "deepspeed.param_persistence_threshold=0"])
+    assert sorted(losses2) == list(range(1, 9))
+    assert losses2[8] < losses2[1] - 0.1  # it learns (tiny model, 8 steps: 6.30 -> 6.07)
+    for step in losses2:
+        assert losses3[step] == pytest.approx(losses2[step], rel=2e-4), step
+    assert run2["llm_share_on_rank0"] == 1.0
+    assert run3["llm_share_on_rank0"] == pytest.approx(0.5, abs=0.02)  # the frozen LLM is partitioned
+    assert run2["deepspeed_config"]["gradient_accumulation_steps"] == 2
+    assert run2["deepspeed_config"]["train_batch_size"] == 16
+
+
+def test_one_rank_with_more_accumulation_follows_the_same_trajectory(shards, zero2):
+    losses2, _ = zero2
+    losses1, run1 = run(shards, shards / "one", "plain", ["data.num_workers=2"], ranks=1)
+    assert run1["deepspeed_config"]["gradient_accumulation_steps"] == 4  # same global batch of 16
+    for step in losses2:
+        assert losses1[step] == pytest.approx(losses2[step], rel=2e-4), step
+
+
+def test_stopped_and_resumed_run_continues_the_same_losses(shards, zero2):
+    losses2, _ = zero2
+    out = shards / "resumed"
+    first, _ = run(shards, out, "torchrun", extra=["--stop-at", "3"])
+    assert sorted(first) == [1, 2, 3]
+    ckpts = out / "checkpoints"
+    assert complete_tags(str(ckpts)) == ["step-00000003"]
+    # A save that died half-way: files, but no COMPLETE marker. It must not be picked.
+    shutil.copytree(ckpts / "step-00000003", ckpts / "step-00000005")
+    os.remove(ckpts / "step-00000005" / COMPLETE)
+    second, _ = run(shards, out, "torchrun", extra=["--resume", "auto"])
+    assert min(second) == 4 and max(second) == 8
+    for step in range(1, 9):
+        got = first[step] if step <= 3 else second[step]
+        assert got == pytest.approx(losses2[step], rel=2e-4), step
+
+
+def test_every_check_fires_before_training(shards, tmp_path):
+    base = [f"data.train=[{{path: {shards / 'train'}}}]", f"train.output_dir={tmp_path / 'out'}"]
+
+    def check(overrides, world=2, resume=None):
+        recipe = load_recipe("tiny", base + overrides)
+        return preflight(recipe, world, resume, recipe_hash(recipe))
+
+    assert check([]).accumulation == 2
+    cases = [
+        (["train.global_batch_size=12"], 2, "not divisible by train.micro_batch_size 4 x 2 ranks = 8"),
+        (["deepspeed.zero_stage=1"], 2, "deepspeed.zero_stage must be one of 2, 3"),
+        (["model.attn_implementation=flash_attention_2"], 2, "needs flash-attn"),
+        (["train.precision=fp16"], 2, "fp16 needs a GPU"),
+        ([], 16, "8 shards but 16 ranks x 1 workers need at least 16"),
+        ([f"train.init={tmp_path / 'nowhere'}"], 2, "does not exist"),
+        (["data.tokenizer=null"], 2, "data.tokenizer is needed"),
+        (["model.lora.r=0"], 2, "model.lora.r must be at least 1"),
+        (["deepspeed.offload=true"], 2, "offload needs deepspeed.zero_stage 3"),
+    ]
+    for overrides, world, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            check(overrides, world)
+    # An LLM preset whose shapes disagree with the weights given as init.
+    folder = tmp_path / "llama"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"vocab_size": 32000, "hidden_size": 4096}))
+    with pytest.raises(ConfigError, match="preset 'tiny' disagrees with the weights"):
+        check([f"train.init={folder}"])
+    # An output directory that holds another run.
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "run.json").write_text("{}")
+    with pytest.raises(ConfigError, match="holds another run; pass --resume auto"):
+        check([])
+    assert check([], resume="auto").accumulation == 2
