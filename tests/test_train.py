@@ -125,7 +125,7 @@ def test_every_check_fires_before_training(shards, tmp_path):
         (["deepspeed.zero_stage=1"], 2, "deepspeed.zero_stage must be one of 2, 3"),
         (["model.attn_implementation=flash_attention_2"], 2, "needs flash-attn"),
         (["train.precision=fp16"], 2, "fp16 needs a GPU"),
-        ([], 16, "8 shards but 16 ranks x 1 workers need at least 16"),
+        (["train.global_batch_size=64"], 16, "8 shards but 16 ranks x 1 workers need at least 16"),
         ([f"train.init={tmp_path / 'nowhere'}"], 2, "does not exist"),
         (["data.tokenizer=null"], 2, "data.tokenizer is needed"),
         (["model.lora.r=0"], 2, "model.lora.r must be at least 1"),
