@@ -77,3 +77,14 @@ def test_padding_with_eos_never_hides_a_real_eos_from_the_loss():
     n = int(batch["attention_mask"][0].sum())
     assert batch["labels"][0, n - 1] == tok.eos_token_id  # the real EOS stays a target
     assert torch.equal(batch["labels"] == IGNORE, batch["attention_mask"] == 0)
+
+
+def test_prompt_masking_with_an_input_block_and_truncation_inside_the_prompt():
+    tok = byte_tokenizer()
+    qa = dict(QA, input="recorded in a kitchen")
+    n_prompt = len(tok(prompt_text(qa))["input_ids"])
+    ids, labels = Collator(tok, cutoff_len=108, train_on_inputs=False).tokenize(qa)
+    assert "### Input:\nrecorded in a kitchen" in tok.decode(ids)
+    assert labels[:n_prompt] == [IGNORE] * n_prompt and labels[n_prompt:] == ids[n_prompt:]
+    short, short_labels = Collator(tok, cutoff_len=n_prompt - 5, train_on_inputs=False).tokenize(qa)
+    assert len(short) == n_prompt - 5 and short_labels == [IGNORE] * len(short)  # nothing left to learn

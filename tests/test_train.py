@@ -20,8 +20,13 @@ from gama_ds.train.preflight import preflight
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 # Dropout off, so that runs that see the same data must give the same losses.
-SAME = ["model.audio.aggregator_dropout=0.0", "logging.every_steps=1", "logging.tensorboard=false",
-        "logging.plot=false", "checkpoint.every_steps=1000"]
+SAME = [
+    "model.audio.aggregator_dropout=0.0",
+    "logging.every_steps=1",
+    "logging.tensorboard=false",
+    "logging.plot=false",
+    "checkpoint.every_steps=1000",
+]
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +34,14 @@ def shards(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train")
     data = synthesize(str(tmp / "audio"), clips=32, test_clips=8, seed=0)
     for name, src, per in (("train", data["train"], 4), ("test", data["test"], 2)):
-        convert([src], str(tmp / name), ConvertOptions(shard_samples=per), workers=1, progress=False,
-                log=lambda m: None)
+        convert(
+            [src],
+            str(tmp / name),
+            ConvertOptions(shard_samples=per),
+            workers=1,
+            progress=False,
+            log=lambda m: None,
+        )
     return tmp  # 8 training shards x 4 clips x 4 QA = 128 examples: 8 steps of 16
 
 
@@ -46,21 +57,44 @@ _port = [29610]
 
 def run(shards, out, launcher, overrides=(), extra=(), ranks=2):
     _port[0] += 1
-    args = ["tiny", f"data.train=[{{path: {shards / 'train'}}}]", f"data.eval=[{{path: {shards / 'test'}}}]",
-            f"train.output_dir={out}", *SAME, *overrides, *extra]
+    args = [
+        "tiny",
+        f"data.train=[{{path: {shards / 'train'}}}]",
+        f"data.eval=[{{path: {shards / 'test'}}}]",
+        f"train.output_dir={out}",
+        *SAME,
+        *overrides,
+        *extra,
+    ]
     if launcher == "torchrun":
-        cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", str(ranks), "--master_port", str(_port[0]),
-               "-m", "gama_ds.train", *args]
+        cmd = [
+            os.path.join(BIN, "torchrun"),
+            "--nproc_per_node",
+            str(ranks),
+            "--master_port",
+            str(_port[0]),
+            "-m",
+            "gama_ds.train",
+            *args,
+        ]
     elif launcher == "deepspeed":
-        cmd = [os.path.join(BIN, "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(_port[0]),
-               "--module", "gama_ds.train", *args]
+        cmd = [
+            os.path.join(BIN, "deepspeed"),
+            "--num_gpus",
+            str(ranks),
+            "--master_port",
+            str(_port[0]),
+            "--module",
+            "gama_ds.train",
+            *args,
+        ]
     else:
         cmd = [sys.executable, "-m", "gama_ds", "train", *args]
     done = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     # A resumed run appends to the same file: keep this run's lines only.
-    mine = records[run.seen.get(str(out), 0):]
+    mine = records[run.seen.get(str(out), 0) :]
     run.seen[str(out)] = len(records)
     return {r["step"]: r["loss"] for r in mine if "loss" in r}, json.load(open(os.path.join(out, "run.json")))
 
@@ -75,8 +109,12 @@ def zero2(shards):
 
 def test_zero2_and_zero3_train_the_same_trajectory(shards, zero2):
     losses2, run2 = zero2
-    losses3, run3 = run(shards, shards / "zero3", "torchrun",
-                        ["deepspeed.zero_stage=3", "deepspeed.param_persistence_threshold=0"])
+    losses3, run3 = run(
+        shards,
+        shards / "zero3",
+        "torchrun",
+        ["deepspeed.zero_stage=3", "deepspeed.param_persistence_threshold=0"],
+    )
     assert sorted(losses2) == list(range(1, 9))
     assert losses2[8] < losses2[1] - 0.1  # it learns (tiny model, 8 steps: 6.30 -> 6.07)
     for step in losses2:

@@ -32,6 +32,7 @@ class Example:
     key: str  # "<set>/<shard>/<sample key>#<qa index>": unique, for tracing and resume tests
     fbank: np.ndarray | None  # float16 [n_frames, 128], unpadded
     qa: dict
+    tokens: tuple[list[int], list[int]] | None = None  # (input_ids, labels), once tokenised
 
 
 def prompt_text(qa: dict, template: str = "alpaca_short") -> str:
@@ -84,11 +85,24 @@ class Collator:
             labels[:n_prompt] = [IGNORE] * min(n_prompt, len(labels))
         return ids, labels
 
+    def settings(self) -> dict:
+        """Everything that decides the token ids, for the stream's resume digest."""
+        tok = self.tokenizer
+        return {
+            "cutoff_len": self.cutoff_len,
+            "template": self.template,
+            "train_on_inputs": self.train_on_inputs,
+            "add_eos": self.add_eos,
+            "tokenizer": [type(tok).__name__, len(tok), tok.name_or_path],
+        }
+
     def length(self, example: Example) -> int:
-        return len(self.tokenize(example.qa)[0])
+        if example.tokens is None:  # kept: bucketing and collation then tokenise once
+            example.tokens = self.tokenize(example.qa)
+        return len(example.tokens[0])
 
     def __call__(self, examples: list[Example], with_audio: bool = True) -> dict[str, torch.Tensor]:
-        tokenized = [self.tokenize(e.qa) for e in examples]
+        tokenized = [e.tokens if e.tokens is not None else self.tokenize(e.qa) for e in examples]
         width = max(len(ids) for ids, _ in tokenized)
         b = len(examples)
         input_ids = torch.full((b, width), self.tokenizer.pad_token_id, dtype=torch.long)

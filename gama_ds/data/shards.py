@@ -32,7 +32,8 @@ META = "json"
 MEMBERS = (FBANK, META)
 SHARD_PATTERN = re.compile(r"^shard-\d{6}\.tar$")
 QA_FIELDS = ("instruction", "input", "output", "dataset", "task")
-SHARD_FIELDS = ("file", "samples", "qa_pairs", "bytes", "sha256")  # one index entry, in order
+# One index entry, in order; qa_per_sample lets the stream plan exact example counts.
+SHARD_FIELDS = ("file", "samples", "qa_pairs", "bytes", "sha256", "qa_per_sample")
 
 
 class ShardError(ValueError):
@@ -211,7 +212,7 @@ def verify_shard(root: str, entry: dict) -> tuple[list[str], list[str]]:
     digest = sha256_file(path)
     if digest != entry["sha256"]:
         problems.append(f"{name}: sha256 {digest[:16]}..., index says {entry['sha256'][:16]}...")
-    keys, samples, qa_pairs = [], 0, 0
+    keys, samples, qa_pairs, per_sample = [], 0, 0, []
     try:
         for key, members in iter_members(path):
             keys.append(key)
@@ -219,15 +220,19 @@ def verify_shard(root: str, entry: dict) -> tuple[list[str], list[str]]:
                 sample = decode_sample(key, members, name)
             except ShardError as err:
                 problems.append(str(err))
+                per_sample.append(None)
                 continue
             samples += 1
             qa_pairs += len(sample.meta["qa"])
+            per_sample.append(len(sample.meta["qa"]))
     except ShardError as err:
         problems.append(str(err))
     if samples != entry["samples"] or len(keys) != entry["samples"]:
         problems.append(f"{name}: {len(keys)} samples ({samples} valid), index says {entry['samples']}")
     if qa_pairs != entry["qa_pairs"]:
         problems.append(f"{name}: {qa_pairs} QA pairs in valid samples, index says {entry['qa_pairs']}")
+    elif per_sample != entry["qa_per_sample"]:
+        problems.append(f"{name}: QA pairs per sample differ from the index's qa_per_sample")
     return problems, keys
 
 

@@ -22,6 +22,7 @@ class ShardWriter:
         self.max_samples, self.max_bytes = max_samples, max_bytes
         self.writer = self.file = None
         self.samples = self.qa_pairs = self.size = 0
+        self.qa_per_sample: list[int] = []
 
     def add(self, key: str, members: dict[str, bytes], qa_pairs: int, clip_index: int) -> None:
         grow = sum(tarfile.BLOCKSIZE * (1 + -(-len(v) // tarfile.BLOCKSIZE)) for v in members.values())
@@ -38,6 +39,7 @@ class ShardWriter:
         self.writer.write({"__key__": key, **members})
         self.samples += 1
         self.qa_pairs += qa_pairs
+        self.qa_per_sample.append(qa_pairs)
         self.size += grow
 
     def finish(self, next_clip: int) -> None:
@@ -50,11 +52,12 @@ class ShardWriter:
         tmp, final = self._path(tmp=True), self._path(tmp=False)
         os.replace(tmp, final)
         size, digest = os.path.getsize(final), sha256_file(final)
-        values = (os.path.basename(final), self.samples, self.qa_pairs, size, digest)
+        values = (os.path.basename(final), self.samples, self.qa_pairs, size, digest, self.qa_per_sample)
         entry = dict(zip(SHARD_FIELDS, values, strict=True))
         self.on_shard(entry, next_clip)
         self.writer = self.file = None
         self.samples = self.qa_pairs = self.size = 0
+        self.qa_per_sample = []
         self.next_index += 1
 
     def _path(self, tmp: bool) -> str:
