@@ -184,3 +184,65 @@ def test_every_check_fires_before_training(shards, tmp_path):
     with pytest.raises(ConfigError, match="holds another run; pass --resume auto"):
         check([])
     assert check([], resume="auto").accumulation == 2
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_auto_continues(shards):
+    """A preemption: SIGTERM mid-run; the run saves, exits cleanly, and resumes where it was."""
+    import signal
+    import time
+
+    out = shards / "signalled"
+    args = [
+        "tiny",
+        f"data.train=[{{path: {shards / 'train'}}}]",
+        f"train.output_dir={out}",
+        "train.epochs=4",
+        *SAME,
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gama_ds", "train", *args],
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    try:
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, "no training steps within 300 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        stdout, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert result["stopped_by"] == "SIGTERM" and 2 <= result["step"] < result["total_steps"] == 32
+    assert complete_tags(str(out / "checkpoints")) == [f"step-{result['step']:08d}"]
+    before = len(metrics.read_text().splitlines())
+    again = subprocess.run(
+        [sys.executable, "-m", "gama_ds", "train", *args, "--resume", "auto"],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    resumed = [json.loads(line)["step"] for line in metrics.read_text().splitlines()[before:]]
+    assert resumed == list(range(result["step"] + 1, 33))
+
+
+def test_groups_can_have_their_own_learning_rate():
+    from gama_ds.model.build import build_model
+    from gama_ds.train.engine import param_groups
+
+    recipe = load_recipe("tiny", ["optim.lr=1e-4", "optim.group_lr={projections: 1e-3, lora: 5e-4}"])
+    model = build_model(recipe.model)
+    groups = {g["lr"]: sum(p.numel() for p in g["params"]) for g in param_groups(model, recipe)}
+    proj = sum(p.numel() for n, p in model.named_parameters() if n.startswith("audio.proj_"))
+    lora = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+    assert groups[1e-3] == proj and groups[5e-4] == lora
+    assert groups[1e-4] == sum(p.numel() for p in model.parameters() if p.requires_grad) - proj - lora
