@@ -39,6 +39,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/feature_path.py
 	$(BIN)/python bench/convert_scaling.py
 	$(BIN)/python bench/storage.py
+	$(BIN)/python bench/stream.py
+	$(BIN)/python bench/loop_overhead.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .torch_extensions bench_out
