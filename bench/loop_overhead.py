@@ -9,6 +9,7 @@ step, nothing else. Alternated twice. Goal: within 5%.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import statistics
@@ -27,9 +28,19 @@ def ours(tmp: str, shards: str, run: int) -> float:
     from gama_ds.train.loop import train
 
     out = os.path.join(tmp, f"ours{run}")
-    train("tiny", [f"data.train=[{{path: {shards}}}]", f"train.output_dir={out}", f"train.max_steps={STEPS}",
-                   "logging.every_steps=1", "logging.tensorboard=false", "logging.plot=false",
-                   "checkpoint.every_steps=1000", "train.epochs=10"])
+    train(
+        "tiny",
+        [
+            f"data.train=[{{path: {shards}}}]",
+            f"train.output_dir={out}",
+            f"train.max_steps={STEPS}",
+            "logging.every_steps=1",
+            "logging.tensorboard=false",
+            "logging.plot=false",
+            "checkpoint.every_steps=1000",
+            "train.epochs=10",
+        ],
+    )
     rates = [json.loads(line)["samples_per_s"] for line in open(os.path.join(out, "metrics.jsonl"))][3:]
     return statistics.median(rates) / 16  # steps/s
 
@@ -49,10 +60,17 @@ def bare(shards: str) -> float:
     torch.manual_seed(0)
     model = build_model(recipe.model)
     collator = Collator(byte_tokenizer(), recipe.data.cutoff_len)
-    stream = TrainStream(open_sets([(shards, 1.0)]), StreamConfig(micro_batch=4, batch_multiple=4), collator, 0, 1, 0)
-    batches = [b for _, b in zip(range(STEPS * 4), StreamLoader(stream))]
-    engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, recipe, False),
-                                      config=resolve_ds_config(recipe, 1))
+    d = recipe.data
+    cfg = StreamConfig(
+        micro_batch=4, batch_multiple=4, shuffle_buffer=d.shuffle_buffer, bucket_batches=d.bucket_batches
+    )
+    stream = TrainStream(open_sets([(shards, 1.0)]), cfg, collator, 0, 1, 0)
+    loader = StreamLoader(stream)
+    epochs = itertools.chain.from_iterable(loader for _ in range(10))  # as ours: train.epochs=10
+    batches = list(itertools.islice(epochs, STEPS * 4))
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=build_optimizer(model, recipe, False), config=resolve_ds_config(recipe, 1)
+    )
     keys = ("fbank", "input_ids", "attention_mask", "labels", "has_audio")
     times = []
     for i in range(0, len(batches), 4):
@@ -73,14 +91,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = synthesize(os.path.join(tmp, "audio"), clips=48, test_clips=0)
         shards = os.path.join(tmp, "shards")
-        convert([data["train"]], shards, ConvertOptions(shard_samples=6), workers=1, progress=False,
-                log=lambda m: None)
+        convert(
+            [data["train"]],
+            shards,
+            ConvertOptions(shard_samples=6),
+            workers=1,
+            progress=False,
+            log=lambda m: None,
+        )
         results = {"gama-ds train": [], "bare DeepSpeed": []}
         for run in range(2):
             results["gama-ds train"].append(ours(tmp, shards, run))
             results["bare DeepSpeed"].append(bare(shards))
         for name, rates in results.items():
-            print(f"  {name:15}: {statistics.median(rates):.2f} steps/s ({', '.join(f'{r:.2f}' for r in rates)})")
+            each = ", ".join(f"{r:.2f}" for r in rates)
+            print(f"  {name:15}: {statistics.median(rates):.2f} steps/s ({each})")
         ratio = statistics.median(results["gama-ds train"]) / statistics.median(results["bare DeepSpeed"])
         print(f"  ratio gama-ds / bare: {ratio:.3f} ({100 * (1 - ratio):+.1f}% overhead)")
 

@@ -103,7 +103,9 @@ class DataConfig:
     template: str = "alpaca_short"  # the prompt template
     train_on_inputs: bool = True  # supervise the prompt too, as the reference does
     num_workers: int = 2  # DataLoader workers per rank (0: batches made in the training process)
-    start_method: str = "forkserver"  # how DataLoader workers start: forkserver | spawn
+    # How DataLoader workers start: spawn | forkserver. Not fork (the parent holds thread pools);
+    # spawn by default, as forkserver's workers die with a preemption's SIGTERM to the group.
+    start_method: str = "spawn"
     shuffle_buffer: int = 1000  # examples held for shuffling, per worker and shard set
     examples_per_clip: int = 0  # 0: every QA pair of a clip each epoch; k: k of them
     bucket_batches: int = 8  # micro-batches per length-sorting window (1: no bucketing)
@@ -205,7 +207,7 @@ class Recipe:
         choices = {
             "train.precision": (self.train.precision, ("auto", "bf16", "fp16", "fp32")),
             "data.on_bad_sample": (self.data.on_bad_sample, ("fail", "skip")),
-            "data.start_method": (self.data.start_method, ("forkserver", "spawn")),
+            "data.start_method": (self.data.start_method, ("spawn", "forkserver")),
             "deepspeed.zero_stage": (self.deepspeed.zero_stage, (2, 3)),
         }
         for key, (value, allowed) in choices.items():

@@ -31,9 +31,11 @@ import hashlib
 import json
 import logging
 import os
+import signal
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .collate import Collator, Example
@@ -325,16 +327,27 @@ class TrainStream(IterableDataset):
             yield out
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Preemption signals the whole process tree; the workers must live until the rank has
+    saved its checkpoint, so only the rank reacts to SIGTERM, SIGUSR1 and SIGINT."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class StreamLoader:
     """A DataLoader over a TrainStream that knows how far it got: its state resumes exactly."""
 
-    def __init__(self, stream: TrainStream, start_method: str = "forkserver"):
+    def __init__(self, stream: TrainStream, start_method: str = "spawn"):
         self.stream = stream
         self.start_method = start_method
         self.consumed = 0
 
     def __len__(self) -> int:
         return len(self.stream)
+
+    def batches_in_epoch(self, epoch: int) -> int:
+        """Batches per rank in `epoch`: epochs differ a little when shards differ in size."""
+        return self.stream.plan(epoch).rank_batches
 
     def __iter__(self):
         stream = self.stream
@@ -346,6 +359,10 @@ class StreamLoader:
             num_workers=workers,
             # Workers are not forked: the parent holds torch's and the tokenizer's thread pools.
             multiprocessing_context=self.start_method if workers > 0 else None,
+            worker_init_fn=_ignore_stop_signals if workers > 0 else None,
+            # Its own generator: starting an iterator then draws nothing from the global RNG,
+            # so a resumed run's dropout masks stay those of the uninterrupted run.
+            generator=torch.Generator().manual_seed(stream.cfg.seed + stream.epoch),
         )
         for batch in loader:
             self.consumed += 1

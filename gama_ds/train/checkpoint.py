@@ -46,6 +46,7 @@ def latest_complete(ckpt_dir: str) -> str | None:
 def _rng_state() -> dict:
     return {
         "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "numpy": np.random.get_state()[1].tolist(),
         "numpy_pos": int(np.random.get_state()[2]),
         "python": list(random.getstate()[1]),
@@ -55,6 +56,8 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
     np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
     random.setstate((3, tuple(state["python"]), state["python_gauss"]))
 

@@ -28,7 +28,7 @@ from ..model.build import build_model
 from ..model.weights import import_reference_path
 from . import checkpoint
 from .engine import initialize
-from .metrics import Metrics, device_peak_flops, flops_per_token
+from .metrics import Metrics, device_peak_flops, flops_per_sample, flops_per_token
 from .preflight import RUN_FILE, preflight
 
 log = logging.getLogger("gama_ds.train")
@@ -44,7 +44,16 @@ def dist_env() -> tuple[int, int, int]:
 
 
 def recipe_hash(recipe: Recipe) -> str:
-    return hashlib.sha256(json.dumps(asdict(recipe), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """What decides the training trajectory; where it writes, how often it logs or saves and
+    how the shard paths are spelled do not count, so a moved run still resumes."""
+    d = asdict(recipe)
+    for section in ("logging", "checkpoint"):
+        d.pop(section)
+    d["train"].pop("output_dir")
+    d["train"].pop("eval_every_steps")
+    for part in ("train", "eval"):
+        d["data"][part] = [dict(s, path=os.path.realpath(s["path"])) for s in d["data"][part]]
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def start_process_group(local_rank: int) -> None:
@@ -70,8 +79,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def mean_over_ranks(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
+def mean_over_ranks(values: list[float], device) -> list[float]:
+    # On the engine's device: NCCL, the GPU backend, reduces CUDA tensors only.
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(t)
         t /= dist.get_world_size()
@@ -89,20 +99,22 @@ class StopSignal:
     def _handle(self, signum, frame):
         self.received = signal.Signals(signum).name
 
-    def agreed(self) -> bool:
+    def agreed(self, device) -> bool:
         """True on every rank as soon as any rank has the signal, so all save together."""
-        return mean_over_ranks([1.0 if self.received else 0.0])[0] > 0
+        return mean_over_ranks([1.0 if self.received else 0.0], device)[0] > 0
 
 
 def evaluate(engine, loader, device) -> float:
+    """Held-out loss per supervised token, over the same examples every time (epoch 0)."""
     engine.eval()
-    total = torch.zeros(2, dtype=torch.float64)
+    loader.stream.epoch, loader.consumed = 0, 0
+    total = torch.zeros(2, dtype=torch.float64, device=device)
     with torch.no_grad():
         for batch in loader:
             inputs = {k: batch[k].to(device) for k in MODEL_INPUTS}
             out = engine(**inputs)
-            n = (inputs["labels"][:, 1:] != -100).sum().item()
-            total += torch.tensor([out.loss.item() * n, n], dtype=torch.float64)
+            n = (inputs["labels"][:, 1:] != -100).sum()
+            total += torch.stack([out.loss.double() * n, n.double()])
     engine.train()
     if dist.is_initialized():
         dist.all_reduce(total)
@@ -163,6 +175,9 @@ def train(recipe_path: str, overrides: list[str] = (), resume: str | None = None
     seed_everything(recipe.train.seed)
     tokenizer = load_tokenizer(plan.tokenizer)
     recipe.model.llm = plan.llm_source
+    if recipe.model.dtype == "float32" and plan.precision == "bf16":
+        # DeepSpeed's bf16 mode casts the weights anyway: building in bf16 halves host memory.
+        recipe.model.dtype = "bfloat16"
     model = build_model(
         recipe.model, compute_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.precision)
     )
@@ -201,13 +216,12 @@ def train(recipe_path: str, overrides: list[str] = (), resume: str | None = None
         eval_cfg = StreamConfig(micro_batch=recipe.train.micro_batch_size, seed=0, bucket_batches=1)
         eval_sets = open_sets([(s.path, s.weight) for s in d.eval])
         eval_loader = StreamLoader(TrainStream(eval_sets, eval_cfg, collator, rank, world, 0))
-    steps_per_epoch = len(loader) // plan.accumulation
-    total_steps = recipe.train.max_steps or steps_per_epoch * recipe.train.epochs
+    epoch_steps = [loader.batches_in_epoch(e) // plan.accumulation for e in range(recipe.train.epochs)]
+    total_steps = recipe.train.max_steps or sum(epoch_steps)
 
     # -- 4. DeepSpeed
     engine, scheduler = initialize(model, recipe, plan.ds_config, total_steps)
     device = engine.device
-    metrics = Metrics(out_dir, is_main, recipe.logging.tensorboard)
     if is_main:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, RUN_FILE), "w", encoding="utf-8") as f:
@@ -232,7 +246,10 @@ def train(recipe_path: str, overrides: list[str] = (), resume: str | None = None
     # -- 5. resume
     step = 0
     if resume is not None:
-        tag = checkpoint.latest_complete(ckpt_dir) if resume == "auto" else resume
+        # Rank 0 decides, so that ranks with stale directory listings (NFS) load the same tag.
+        choice = [checkpoint.latest_complete(ckpt_dir) if resume == "auto" else resume]
+        dist.broadcast_object_list(choice, src=0)
+        tag = choice[0]
         if tag is not None:
             state = checkpoint.load(engine, ckpt_dir, tag)
             if state.get("recipe_hash") != digest:
@@ -242,14 +259,16 @@ def train(recipe_path: str, overrides: list[str] = (), resume: str | None = None
             log.info("resumed from %s at step %d%s", tag, step, f" ({note})" if note else "")
 
     # -- 6. the loop
+    metrics = Metrics(out_dir, is_main, recipe.logging.tensorboard, after_step=step)
     stop = StopSignal()
     audio_tokens = model.num_audio_tokens
-    flops = flops_per_token(model)
-    peak = device_peak_flops()
+    flops_token, flops_sample = flops_per_token(model), flops_per_sample(model)
+    peak = device_peak_flops() if plan.precision in ("bf16", "fp16") else None
     from tqdm import tqdm
 
     bar = tqdm(total=total_steps, initial=step, unit="step", disable=not is_main, dynamic_ncols=True)
-    losses, tokens, samples, pads, tick = [], 0, 0, [], time.perf_counter()
+    loss_sum, window_batches, micro = torch.zeros((), device=device), 0, 0
+    tokens, samples, pads, tick = 0, 0, [], time.perf_counter()
     last_saved, stopped, done = step, None, step >= total_steps
 
     def save(at: int) -> None:
@@ -262,18 +281,20 @@ def train(recipe_path: str, overrides: list[str] = (), resume: str | None = None
             out = engine(**inputs)
             engine.backward(out.loss)
             engine.step()
-            losses.append(out.loss.item())
+            loss_sum += out.loss.detach().float()  # read only when logging: .item() would sync a GPU
+            window_batches += 1
+            micro += 1
             tokens += int(batch["text_tokens"]) + audio_tokens * len(batch["keys"])
             samples += len(batch["keys"])
             pads.append(float(batch["pad_fraction"]))
-            if len(losses) % plan.accumulation:
+            if micro % plan.accumulation:
                 continue
             step += 1  # an optimizer step happened
             bar.update(1)
             if step % recipe.logging.every_steps == 0 or step == total_steps:
                 elapsed = time.perf_counter() - tick
                 loss, tok_s, smp_s = mean_over_ranks(
-                    [float(np.mean(losses)), tokens / elapsed, samples / elapsed]
+                    [loss_sum.item() / window_batches, tokens / elapsed, samples / elapsed], device
                 )
                 record = {
                     "step": step,
@@ -285,12 +306,16 @@ def train(recipe_path: str, overrides: list[str] = (), resume: str | None = None
                     "pad_fraction": float(np.mean(pads)),
                 }
                 if peak:
-                    record["mfu"] = tok_s * flops / peak
+                    text_s = tok_s - audio_tokens * smp_s  # per rank: text tokens; audio counted per sample
+                    record["mfu"] = (
+                        (text_s + audio_tokens * smp_s) * flops_token + smp_s * flops_sample
+                    ) / peak
                 metrics.log(record)
                 bar.set_postfix(
                     loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", samples_s=f"{record['samples_per_s']:.1f}"
                 )
-                losses, tokens, samples, pads, tick = [], 0, 0, [], time.perf_counter()
+                loss_sum, window_batches = torch.zeros((), device=device), 0
+                tokens, samples, pads, tick = 0, 0, [], time.perf_counter()
             if (
                 eval_loader is not None
                 and recipe.train.eval_every_steps
@@ -300,7 +325,7 @@ def train(recipe_path: str, overrides: list[str] = (), resume: str | None = None
             if step % recipe.checkpoint.every_steps == 0:
                 save(step)
                 last_saved = step
-            if stop.agreed():
+            if stop.agreed(device):
                 stopped = stop.received or "a signal on another rank"
             elif stop_at and step >= stop_at:
                 stopped = f"--stop-at {stop_at}"

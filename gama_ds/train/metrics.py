@@ -19,31 +19,54 @@ def device_peak_flops() -> float | None:
     if not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+    # Longest names first, so that "L40S" is not taken for "L4".
+    return next((PEAK_BF16[k] for k in sorted(PEAK_BF16, key=len, reverse=True) if k in name), None)
+
+
+def _numel(p) -> int:
+    return p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+
+
+def _train_flops(params) -> float:
+    """Forward + backward FLOPs per token through these parameters: 2N forward, 2N for the
+    activation gradients, 2N more for the weight gradients of trainable ones."""
+    return sum(4.0 * _numel(p) + (2.0 * _numel(p) if p.requires_grad else 0.0) for p in params)
 
 
 def flops_per_token(model) -> float:
-    """Forward + backward FLOPs per LLM token: 2N forward, 2N for activation gradients, and
-    2N more for weight gradients of the trainable share only (the LLM itself is frozen)."""
-    total = trainable = 0
-    for p in model.parameters():
-        n = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
-        total += n
-        trainable += n if p.requires_grad else 0
-    return 4.0 * total + 2.0 * trainable
+    """Per token of the LLM's sequence (audio prefix and text alike); the embedding table is
+    a lookup, not a matrix product."""
+    embed = {id(p) for p in model.llm.get_input_embeddings().parameters()}
+    return _train_flops(p for p in model.llm.parameters() if id(p) not in embed)
+
+
+def flops_per_sample(model) -> float:
+    """The audio modules, per clip: each runs over its own number of tokens."""
+    a = model.audio
+    tokens = {"encoder": a.encoder.rows * a.encoder.cols, "aggregator": a.encoder.cols}
+    if hasattr(a, "qformer"):
+        tokens["qformer"] = a.qformer.num_queries
+    total = 0.0
+    for name, module in a.named_children():
+        total += tokens.get(name, a.num_tokens) * _train_flops(module.parameters())
+    return total
 
 
 class Metrics:
-    def __init__(self, out_dir: str, active: bool, tensorboard: bool):
+    def __init__(self, out_dir: str, active: bool, tensorboard: bool, after_step: int = 0):
+        """`after_step`: a resumed run drops what an earlier attempt logged past its checkpoint."""
         self.active = active
         self.path = os.path.join(out_dir, "metrics.jsonl")
         self.writer = None
         if active:
             os.makedirs(out_dir, exist_ok=True)
+            kept = [r for r in read(self.path) if r["step"] <= after_step]
+            with open(self.path, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+                self.writer = SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=after_step + 1)
 
     def log(self, record: dict) -> None:
         if not self.active:
