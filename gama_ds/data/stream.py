@@ -328,9 +328,10 @@ class TrainStream(IterableDataset):
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    """Preemption signals the whole process tree; the workers must live until the rank has
-    saved its checkpoint, so only the rank reacts to SIGTERM, SIGUSR1 and SIGINT."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+    """A preemption warning (SIGUSR1, as Slurm's --signal sends it to every process of the job)
+    and Ctrl-C are for the rank, which saves a checkpoint while its workers keep serving it.
+    SIGTERM keeps its default: multiprocessing stops leftover workers with it at exit."""
+    for sig in (signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
 
 
