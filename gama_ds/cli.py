@@ -210,6 +210,21 @@ def _train(args) -> int:
     return 0
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="a run's checkpoint -> PEFT adapter, audio safetensors, config")
+    p.add_argument("run", help="a run directory (its latest complete checkpoint) or one checkpoint folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--merge", action="store_true", help="also write the LLM with LoRA merged (merged/)")
+
+
+def _export(args) -> int:
+    from .train.export import export
+
+    info = export(args.run, args.out, args.merge)
+    print(json.dumps({"out": args.out, **info["source"]}))
+    return 0
+
+
 def _add_synth(sub) -> None:
     p = sub.add_parser("synth", help="write a small synthetic audio QA set (audio files + JSON)")
     p.add_argument("--out", required=True)
@@ -232,6 +247,7 @@ COMMANDS = {
     "show": (_add_show, _show),
     "estimate": (_add_estimate, _estimate),
     "train": (_add_train, _train),
+    "export": (_add_export, _export),
     "synth": (_add_synth, _synth),
 }
 

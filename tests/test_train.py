@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from gama_ds.config import ConfigError, load_recipe
 from gama_ds.data.convert import ConvertOptions, convert
@@ -108,16 +109,21 @@ def zero2(shards):
     return run(shards, shards / "zero2", "deepspeed", DROPOUT)
 
 
-def test_zero2_and_zero3_train_the_same_trajectory(shards, zero2):
-    """ZeRO-3 with the frozen LLM partitioned and gradient checkpointing on, against ZeRO-2."""
-    losses2, run2 = zero2
-    zero3 = [
+@pytest.fixture(scope="module")
+def zero3(shards):
+    """ZeRO-3 with the frozen LLM partitioned and gradient checkpointing on."""
+    overrides = [
         *DROPOUT,
         "deepspeed.zero_stage=3",
         "deepspeed.param_persistence_threshold=0",
         "model.gradient_checkpointing=true",
     ]
-    losses3, run3 = run(shards, shards / "zero3", "torchrun", zero3)
+    return run(shards, shards / "zero3", "torchrun", overrides)
+
+
+def test_zero2_and_zero3_train_the_same_trajectory(zero2, zero3):
+    losses2, run2 = zero2
+    losses3, run3 = zero3
     assert sorted(losses2) == list(range(1, 9))
     assert losses2[8] < losses2[1] - 0.1  # it learns (tiny model, 8 steps: about 6.30 -> 6.07)
     for step in losses2:
@@ -258,3 +264,72 @@ def test_groups_can_have_their_own_learning_rate():
     lora = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
     assert groups[1e-3] == proj and groups[5e-4] == lora
     assert groups[1e-4] == sum(p.numel() for p in model.parameters() if p.requires_grad) - proj - lora
+
+
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_an_export_loads_in_stock_peft_and_reproduces_the_trained_model(
+    shards, zero2, zero3, stage, tmp_path
+):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from gama_ds.data.collate import Collator
+    from gama_ds.data.stream import StreamConfig, StreamLoader, TrainStream, open_sets
+    from gama_ds.train.export import export, load_export
+
+    out = tmp_path / "export"
+    export(str(shards / stage), str(out), merge=True)
+    assert (out / "adapter" / "adapter_config.json").exists() and load_file(out / "audio.safetensors")
+    model, tokenizer, info = load_export(str(out))  # stock from_pretrained + PeftModel.from_pretrained
+    assert (
+        type(model.llm).__name__ == "PeftModelForCausalLM" and info["source"]["checkpoint"] == "step-00000008"
+    )
+    collate = Collator(tokenizer, info["prompt"]["cutoff_len"], info["prompt"]["template"])
+    stream = TrainStream(
+        open_sets([(str(shards / "test"), 1.0)]),
+        StreamConfig(micro_batch=4, bucket_batches=1),
+        collate,
+        0,
+        1,
+        0,
+    )
+    total = count = 0.0
+    with torch.no_grad():
+        for b in StreamLoader(stream):
+            loss = model(b["fbank"], b["input_ids"], b["attention_mask"], b["labels"], b["has_audio"]).loss
+            n = (b["labels"][:, 1:] != -100).sum().item()
+            total, count = total + loss.item() * n, count + n
+    records = [json.loads(line) for line in open(shards / stage / "metrics.jsonl")]
+    trained = [r["eval_loss"] for r in records if "eval_loss" in r][-1]
+    assert total / count == pytest.approx(trained, abs=1e-5)  # the in-training model's held-out loss
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    ids = torch.tensor([tokenizer("### Instruction:\nHow many beeps?")["input_ids"]])
+    torch.testing.assert_close(merged(ids).logits, model.llm(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_the_next_stage_starts_from_the_previous_export(shards, zero2, tmp_path):
+    from safetensors.torch import load_file
+
+    from gama_ds.model.build import build_model
+    from gama_ds.train.export import export, load_init
+
+    export(str(shards / "zero2"), str(tmp_path / "stage_a"))
+    model = build_model(load_recipe("tiny").model)
+    load_init(model, str(tmp_path / "stage_a"))
+    for name, tensor in load_file(tmp_path / "stage_a" / "audio.safetensors").items():
+        torch.testing.assert_close(model.audio.state_dict()[name], tensor, msg=name)
+    adapter = load_file(tmp_path / "stage_a" / "adapter" / "adapter_model.safetensors")
+    lora = {n: p for n, p in model.llm.named_parameters() if ".lora_" in n}
+    assert len(adapter) == len(lora) > 0
+    for name, tensor in adapter.items():
+        ours = name.replace(".weight", ".default.weight")
+        torch.testing.assert_close(lora[ours], tensor, msg=name)
+    # And a real next stage trains from it.
+    losses, _ = run(
+        shards,
+        tmp_path / "stage_b",
+        "plain",
+        [f"train.init={tmp_path / 'stage_a'}", "train.max_steps=2"],
+        ranks=1,
+    )
+    assert sorted(losses) == [1, 2]

@@ -25,9 +25,9 @@ from ..data.collate import Collator
 from ..data.stream import StreamConfig, StreamLoader, TrainStream, open_sets
 from ..data.tokenizer import load_tokenizer
 from ..model.build import build_model
-from ..model.weights import import_reference_path
 from . import checkpoint
 from .engine import initialize
+from .export import load_init
 from .metrics import Metrics, device_peak_flops, flops_per_sample, flops_per_token
 from .preflight import RUN_FILE, preflight
 
@@ -187,15 +187,8 @@ def train(recipe_path: str, overrides: list[str] = (), resume: str | None = None
             f"{model.llm.config.vocab_size}"
         )
     if recipe.train.init is not None:
-        report = import_reference_path(model, recipe.train.init)
-        if not report.ok:
-            raise RuntimeError(f"train.init {recipe.train.init}: {report.problems()}")
-        log.info(
-            "initialised from %s: %d tensors, %d fresh",
-            recipe.train.init,
-            len(report.loaded),
-            len(report.fresh),
-        )
+        load_init(model, recipe.train.init)  # a gama-ds export, or a reference checkpoint
+        log.info("initialised from %s", recipe.train.init)
 
     # -- 3. the data: a stream per rank, equal batch counts by construction
     d = recipe.data

@@ -40,13 +40,20 @@ def _is_hf_folder(path: str | None) -> bool:
 
 
 def llm_source(recipe: Recipe) -> str:
-    """Where the LLM's weights come from: model.llm, or a reference base folder given as init."""
-    m = recipe.model.llm
-    return recipe.train.init if is_preset(m) and _is_hf_folder(recipe.train.init) else m
+    """Where the LLM's weights come from: model.llm, or, for a preset, the weights that the
+    init brings (a reference base folder, or the base LLM saved in a gama-ds export)."""
+    m, init = recipe.model.llm, recipe.train.init
+    if not is_preset(m) or init is None:
+        return m
+    if _is_hf_folder(init):
+        return init
+    if _is_hf_folder(os.path.join(init, "llm")):
+        return os.path.join(init, "llm")
+    return m
 
 
 def check_llm_shapes(recipe: Recipe) -> None:
-    init = recipe.train.init
+    init = llm_source(recipe)
     if not (is_preset(recipe.model.llm) and _is_hf_folder(init)):
         return
     with open(os.path.join(init, "config.json"), encoding="utf-8") as f:
