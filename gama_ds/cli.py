@@ -225,6 +225,102 @@ def _export(args) -> int:
     return 0
 
 
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="answer questions about audio with an exported model")
+    p.add_argument("--model", required=True, help="a gama-ds export folder")
+    p.add_argument("--audio", help="one audio file (with --question)")
+    p.add_argument("--question", help="the question about --audio")
+    p.add_argument("--input", help="a GAMA/LTU JSON, audio-QA JSON(L) or eval file of questions")
+    p.add_argument("--out", help="write answers as JSON lines here (default: stdout)")
+    p.add_argument(
+        "--greedy", action="store_true", help="greedy decoding (default: the reference's sampling)"
+    )
+    p.add_argument("--beams", type=_positive_int, help="beam search with this many beams")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=400)
+    p.add_argument("--batch-size", type=_positive_int, default=8)
+
+
+def _generate(args) -> int:
+    from .data.formats import read_inputs
+    from .infer import generate
+    from .train.export import load_export
+
+    if bool(args.audio) == bool(args.input) or bool(args.audio) != bool(args.question):
+        raise ValueError("give either --audio FILE --question TEXT, or --input JSON")
+    model, tokenizer, info = load_export(args.model)
+    if args.audio:
+        rows = [({"audio": args.audio}, args.audio, {"instruction": args.question, "input": ""})]
+    else:
+        records, rejects = read_inputs([args.input])
+        for r in rejects:
+            print(f"skipped {r.source}: {r.detail}", file=sys.stderr)
+        rows = [({"audio": r.audio, "source": qa["source"]}, r.path, qa) for r in records for qa in r.qa]
+    kwargs = {}
+    if args.beams:
+        kwargs = dict(num_beams=args.beams, do_sample=False)
+    elif args.greedy:
+        kwargs = dict(do_sample=False)
+    answers = generate(
+        model,
+        tokenizer,
+        [path for _, path, _ in rows],
+        [qa for *_, qa in rows],
+        info["prompt"]["template"],
+        args.batch_size,
+        args.max_new_tokens,
+        **kwargs,
+    )
+    out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
+    for (record, _, qa), answer in zip(rows, answers, strict=True):
+        out.write(
+            json.dumps(
+                {**record, **{k: v for k, v in qa.items() if k != "source"}, "answer": answer},
+                ensure_ascii=False,
+            )
+            + "\n"
+        )
+    if args.out:
+        out.close()
+    return 0
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="held-out loss, perplexity and exact-match accuracy of an export")
+    p.add_argument("--model", required=True, help="a gama-ds export folder")
+    p.add_argument("--shards", required=True, nargs="+", help="shard directories written by gama-ds convert")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=32)
+    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--no-generate", action="store_true", help="loss and perplexity only")
+    p.add_argument("--json", action="store_true")
+
+
+def _eval(args) -> int:
+    from .infer import evaluate
+    from .train.export import load_export
+
+    model, tokenizer, info = load_export(args.model)
+    prompt = info["prompt"]
+    result = evaluate(
+        model,
+        tokenizer,
+        args.shards,
+        prompt["cutoff_len"],
+        prompt["template"],
+        args.batch_size,
+        args.max_new_tokens,
+        not args.no_generate,
+    )
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{result['examples']} QA pairs: loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}")
+    if "exact_match" in result:
+        print(f"exact match {100 * result['exact_match']:.1f}%")
+        for task, acc in result["exact_match_by_task"].items():
+            print(f"  {task:<12} {100 * acc:.1f}%")
+    return 0
+
+
 def _add_synth(sub) -> None:
     p = sub.add_parser("synth", help="write a small synthetic audio QA set (audio files + JSON)")
     p.add_argument("--out", required=True)
@@ -248,6 +344,8 @@ COMMANDS = {
     "estimate": (_add_estimate, _estimate),
     "train": (_add_train, _train),
     "export": (_add_export, _export),
+    "generate": (_add_generate, _generate),
+    "eval": (_add_eval, _eval),
     "synth": (_add_synth, _synth),
 }
 

@@ -1,0 +1,136 @@
+"""Generation and evaluation from an export: the same front end, prompt and masks as training."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gama_ds.data.convert import ConvertOptions, convert
+from gama_ds.infer import evaluate, exact_match, generate, normalise
+from gama_ds.synth import synthesize
+from gama_ds.train.export import export, load_export
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A tiny model trained for 2 steps on one CPU process, exported."""
+    tmp = tmp_path_factory.mktemp("infer")
+    data = synthesize(str(tmp / "audio"), clips=16, test_clips=4, seed=3)
+    for name, src, per in (("train", data["train"], 4), ("test", data["test"], 2)):
+        convert(
+            [src],
+            str(tmp / name),
+            ConvertOptions(shard_samples=per),
+            workers=1,
+            progress=False,
+            log=lambda m: None,
+        )
+    env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=os.path.join(ROOT, ".torch_extensions"))
+    args = [
+        "tiny",
+        f"data.train=[{{path: {tmp / 'train'}}}]",
+        f"data.eval=[{{path: {tmp / 'test'}}}]",
+        f"train.output_dir={tmp / 'run'}",
+        "train.max_steps=2",
+        "data.num_workers=0",
+        "logging.plot=false",
+        "logging.tensorboard=false",
+    ]
+    done = subprocess.run(
+        [sys.executable, "-m", "gama_ds", "train", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    export(str(tmp / "run"), str(tmp / "export"))
+    return {
+        "tmp": tmp,
+        "data": data,
+        "export": str(tmp / "export"),
+        "eval_loss": json.loads(done.stdout.strip().splitlines()[-1])["eval_loss"],
+    }
+
+
+def test_batched_generation_equals_one_by_one_from_audio_files(exported):
+    model, tokenizer, info = load_export(exported["export"])
+    rows = json.load(open(exported["data"]["test"]))
+    root = os.path.dirname(exported["data"]["test"])
+    clips = [os.path.join(root, r["audio_id"]) for r in rows[:3]]
+    qas = [{"instruction": q, "input": ""} for q in ("How many beeps?", "Is this a tone or noise?", "Loud?")]
+    together = generate(model, tokenizer, clips, qas, batch_size=3, max_new_tokens=5, do_sample=False)
+    alone = [
+        generate(model, tokenizer, [c], [q], max_new_tokens=5, do_sample=False)[0] for c, q in zip(clips, qas)
+    ]
+    assert together == alone and all(isinstance(a, str) for a in together)
+
+
+def test_the_generate_command_answers_a_file_and_a_question_list(exported, tmp_path):
+    root = os.path.dirname(exported["data"]["test"])
+    first = json.load(open(exported["data"]["test"]))[0]
+    audio_file = os.path.join(root, first["audio_id"])
+    cmd = [
+        sys.executable,
+        "-m",
+        "gama_ds",
+        "generate",
+        "--model",
+        exported["export"],
+        "--max-new-tokens",
+        "4",
+    ]
+    one = subprocess.run(
+        [*cmd, "--audio", audio_file, "--question", "How many beeps?", "--greedy"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert one.returncode == 0, one.stderr[-2000:]
+    line = json.loads(one.stdout.strip().splitlines()[-1])
+    assert line["audio"] == audio_file and line["instruction"] == "How many beeps?" and "answer" in line
+    out = tmp_path / "answers.jsonl"
+    many = subprocess.run(
+        [*cmd, "--input", exported["data"]["test"], "--out", str(out), "--beams", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert many.returncode == 0, many.stderr[-2000:]
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(lines) == 16 and all("answer" in x and x["output"] for x in lines)  # 4 clips x 4 questions
+
+
+def test_eval_reports_the_trained_models_loss_and_exact_match(exported):
+    model, tokenizer, info = load_export(exported["export"])
+    result = evaluate(
+        model,
+        tokenizer,
+        [str(exported["tmp"] / "test")],
+        info["prompt"]["cutoff_len"],
+        info["prompt"]["template"],
+        max_new_tokens=3,
+    )
+    assert result["examples"] == 16
+    assert result["loss"] == pytest.approx(exported["eval_loss"], abs=1e-5)
+    assert result["perplexity"] == pytest.approx(torch.tensor(result["loss"]).exp().item(), rel=1e-6)
+    assert 0.0 <= result["exact_match"] <= 1.0 and set(result["exact_match_by_task"]) == {
+        "count",
+        "pitch",
+        "kind",
+        "loudness",
+    }
+
+
+def test_exact_match_on_known_answers():
+    assert normalise("  Four. ") == "four" and normalise("A dog, barking!") == "a dog barking"
+    assert exact_match(["Four.", "two", "high pitch"], ["four", "three", "High pitch"]) == pytest.approx(
+        2 / 3
+    )
