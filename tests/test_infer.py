@@ -68,7 +68,8 @@ def test_batched_generation_equals_one_by_one_from_audio_files(exported):
     qas = [{"instruction": q, "input": ""} for q in ("How many beeps?", "Is this a tone or noise?", "Loud?")]
     together = generate(model, tokenizer, clips, qas, batch_size=3, max_new_tokens=5, do_sample=False)
     alone = [
-        generate(model, tokenizer, [c], [q], max_new_tokens=5, do_sample=False)[0] for c, q in zip(clips, qas)
+        generate(model, tokenizer, [c], [q], max_new_tokens=5, do_sample=False)[0]
+        for c, q in zip(clips, qas, strict=True)
     ]
     assert together == alone and all(isinstance(a, str) for a in together)
 
