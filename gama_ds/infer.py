@@ -13,7 +13,7 @@ import re
 import torch
 
 from . import audio
-from .data.collate import IGNORE, Collator, prompt_text
+from .data.collate import IGNORE, Collator, Example, prompt_text
 
 # The reference's batch inference settings (gama_inf.py).
 REFERENCE_SAMPLING = dict(do_sample=True, temperature=0.1, top_p=0.95, top_k=500, repetition_penalty=1.1)
@@ -100,8 +100,6 @@ def evaluate(
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(examples), batch_size):
-            from .data.collate import Example
-
             chunk = [Example(str(i), f, qa) for i, (f, qa) in enumerate(examples[start : start + batch_size])]
             b = collator(chunk)
             loss = model(b["fbank"], b["input_ids"], b["attention_mask"], b["labels"], b["has_audio"]).loss

@@ -82,3 +82,33 @@ def qa_set(tmp_path):
         "aqa": write_jsonl(root / "extra.jsonl", aqa),
         "qa_pairs": len(gama) + len(aqa),
     }
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def synth_shards(tmp, clips: int, test_clips: int, seed: int, per_shard=(4, 2)):
+    """Synthetic audio QA converted to train/ and test/ shard sets under `tmp`."""
+    from gama_ds.data.convert import ConvertOptions, convert
+    from gama_ds.synth import synthesize
+
+    data = synthesize(str(tmp / "audio"), clips=clips, test_clips=test_clips, seed=seed)
+    for name, per in zip(("train", "test"), per_shard, strict=True):
+        convert(
+            [data[name]],
+            str(tmp / name),
+            ConvertOptions(shard_samples=per),
+            workers=1,
+            progress=False,
+            log=lambda m: None,
+        )
+    return data
+
+
+def train_env() -> dict:
+    """The environment for training subprocesses: one thread per rank on 2 cores, DeepSpeed's
+    compiled op cached in the checkout, no rank variables leaking in from outside."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=os.path.join(ROOT, ".torch_extensions"))
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    return env

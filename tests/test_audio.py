@@ -18,13 +18,8 @@ from conftest import CLIPS, tone_mix, write_audio
 from gama_ds import audio
 
 
-def reference_features(path) -> np.ndarray:
+def reference_fbank(waveform: torch.Tensor) -> np.ndarray:
     """The GAMA collator's recipe, spelled out independently of gama_ds (reference/gama.md §1.1)."""
-    data, sr = soundfile.read(path, dtype="float32", always_2d=True)
-    waveform = torch.from_numpy(data.T.copy())
-    if sr != 16000:
-        waveform = torchaudio.functional.resample(waveform, orig_freq=sr, new_freq=16000)
-    waveform = waveform - waveform.mean()
     fbank = kaldi.fbank(
         waveform,
         htk_compat=True,
@@ -36,6 +31,14 @@ def reference_features(path) -> np.ndarray:
         frame_shift=10,
     )
     return ((fbank[:1024] + 5.081) / 4.4849).numpy()
+
+
+def reference_features(path) -> np.ndarray:
+    data, sr = soundfile.read(path, dtype="float32", always_2d=True)
+    waveform = torch.from_numpy(data.T.copy())
+    if sr != 16000:
+        waveform = torchaudio.functional.resample(waveform, orig_freq=sr, new_freq=16000)
+    return reference_fbank(waveform - waveform.mean())
 
 
 @pytest.mark.parametrize("name,seconds,sr,channels,subtype", CLIPS, ids=[c[0] + "-" + c[4] for c in CLIPS])
@@ -64,17 +67,7 @@ def test_stereo_uses_first_channel_after_global_mean(tmp_path):
     feats, _ = audio.load_features(path)
 
     def kaldi_of(channel: np.ndarray) -> np.ndarray:
-        fb = kaldi.fbank(
-            torch.from_numpy(channel)[None],
-            htk_compat=True,
-            sample_frequency=16000,
-            use_energy=False,
-            window_type="hanning",
-            num_mel_bins=128,
-            dither=0.0,
-            frame_shift=10,
-        )
-        return ((fb + 5.081) / 4.4849).numpy()
+        return reference_fbank(torch.from_numpy(channel)[None])
 
     np.testing.assert_allclose(feats, kaldi_of(data[:, 0] - data.mean()), atol=1e-4)
     assert np.abs(feats - kaldi_of(data[:, 1] - data.mean())).mean() > 0.5

@@ -10,29 +10,16 @@ import sys
 import pytest
 import torch
 
-from gama_ds.data.convert import ConvertOptions, convert
+from conftest import synth_shards, train_env
 from gama_ds.infer import evaluate, exact_match, generate, normalise
-from gama_ds.synth import synthesize
 from gama_ds.train.export import export, load_export
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A tiny model trained for 2 steps on one CPU process, exported."""
     tmp = tmp_path_factory.mktemp("infer")
-    data = synthesize(str(tmp / "audio"), clips=16, test_clips=4, seed=3)
-    for name, src, per in (("train", data["train"], 4), ("test", data["test"], 2)):
-        convert(
-            [src],
-            str(tmp / name),
-            ConvertOptions(shard_samples=per),
-            workers=1,
-            progress=False,
-            log=lambda m: None,
-        )
-    env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=os.path.join(ROOT, ".torch_extensions"))
+    data = synth_shards(tmp, clips=16, test_clips=4, seed=3)
     args = [
         "tiny",
         f"data.train=[{{path: {tmp / 'train'}}}]",
@@ -45,7 +32,7 @@ def exported(tmp_path_factory):
     ]
     done = subprocess.run(
         [sys.executable, "-m", "gama_ds", "train", *args],
-        env=env,
+        env=train_env(),
         capture_output=True,
         text=True,
         timeout=600,

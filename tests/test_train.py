@@ -10,14 +10,12 @@ import sys
 import pytest
 import torch
 
+from conftest import synth_shards, train_env
 from gama_ds.config import ConfigError, load_recipe
-from gama_ds.data.convert import ConvertOptions, convert
-from gama_ds.synth import synthesize
 from gama_ds.train.checkpoint import COMPLETE, complete_tags
 from gama_ds.train.loop import recipe_hash
 from gama_ds.train.preflight import preflight
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 SAME = [
     "logging.every_steps=1",
@@ -34,24 +32,11 @@ NO_DROPOUT = ["model.audio.aggregator_dropout=0.0"]
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train")
-    data = synthesize(str(tmp / "audio"), clips=32, test_clips=8, seed=0)
-    for name, src, per in (("train", data["train"], 4), ("test", data["test"], 2)):
-        convert(
-            [src],
-            str(tmp / name),
-            ConvertOptions(shard_samples=per),
-            workers=1,
-            progress=False,
-            log=lambda m: None,
-        )
+    synth_shards(tmp, clips=32, test_clips=8, seed=0)
     return tmp  # 8 training shards x 4 clips x 4 QA = 128 examples: 8 steps of 16
 
 
-def env() -> dict:
-    e = dict(os.environ, OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=os.path.join(ROOT, ".torch_extensions"))
-    e.pop("RANK", None)
-    e.pop("WORLD_SIZE", None)
-    return e
+env = train_env
 
 
 _port = [29610]
@@ -157,6 +142,9 @@ def test_stopped_and_resumed_run_continues_the_same_losses(shards, zero2):
     run.seen[str(out)] = 3  # the resumed run drops what the dead attempt logged past step 3
     second, _ = run(shards, out, "torchrun", DROPOUT, extra=["--resume", "auto"])
     assert sorted(second) == [4, 5, 6, 7, 8]
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    logged = [r["step"] for r in records if "loss" in r]
+    assert logged == list(range(1, 9))  # the dead attempt's steps 4-5 were dropped, not kept twice
     for step in range(1, 9):  # equal to the uninterrupted run, dropout masks included
         got = first[step] if step <= 3 else second[step]
         assert got == pytest.approx(losses2[step], rel=2e-4), step

@@ -104,6 +104,16 @@ def test_a_count_mismatch_is_caught(shard_set):
     assert problems == ["shard-000000.tar: 3 samples (3 valid), index says 4"]
 
 
+def test_per_sample_qa_counts_are_checked(shard_set):
+    def change(index):
+        counts = index["shards"][0]["qa_per_sample"]
+        counts[0], counts[1] = counts[0] + 1, counts[1] - 1  # same total, wrong samples
+
+    edit_index(shard_set, change)
+    problems, _ = verify(str(shard_set))
+    assert problems == ["shard-000000.tar: QA pairs per sample differ from the index's qa_per_sample"]
+
+
 def test_duplicate_keys_and_unlisted_shards_are_caught(shard_set):
     shutil.copy(shard_set / "shard-000000.tar", shard_set / "shard-000003.tar")
     problems, _ = verify(str(shard_set))
