@@ -6,7 +6,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 1
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
-DEMO_DIR ?= demo_data
+DEMO_DIR ?= demo_run
+DEMO_ARGS ?=
 
 .PHONY: demo test bench lint env clean
 
@@ -19,14 +20,10 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 # The main job on the embedded default: synthesise a small audio QA set as real audio files,
-# convert it to shards, verify them, and read them back with stock webdataset.
+# convert it to shards, train the demo recipe with DeepSpeed on 2 CPU ranks (ZeRO-2), export,
+# evaluate on held-out clips and answer a few questions from the raw audio.
 demo: $(STAMP)
-	$(BIN)/gama-ds synth --out $(DEMO_DIR) --clips 200 --test-clips 40
-	$(BIN)/gama-ds convert $(DEMO_DIR)/train.json --out $(DEMO_DIR)/shards/train --shard-samples 50 --overwrite
-	$(BIN)/gama-ds convert $(DEMO_DIR)/test.json --out $(DEMO_DIR)/shards/test --order input --overwrite
-	$(BIN)/gama-ds verify $(DEMO_DIR)/shards/train
-	$(BIN)/gama-ds verify $(DEMO_DIR)/shards/test
-	$(BIN)/gama-ds show $(DEMO_DIR)/shards/train -n 3
+	$(BIN)/gama-ds demo --out $(DEMO_DIR) $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
@@ -43,4 +40,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/loop_overhead.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) .torch_extensions bench_out
+	rm -rf $(VENV) $(DEMO_DIR) demo_data .torch_extensions bench_out

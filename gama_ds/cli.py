@@ -285,19 +285,46 @@ def _generate(args) -> int:
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="held-out loss, perplexity and exact-match accuracy of an export")
+    from .infer import METRICS
+
+    p = sub.add_parser("eval", help="held-out loss, exact match and classification accuracy of an export")
     p.add_argument("--model", required=True, help="a gama-ds export folder")
     p.add_argument("--shards", required=True, nargs="+", help="shard directories written by gama-ds convert")
+    p.add_argument(
+        "--metric",
+        nargs="+",
+        choices=METRICS,
+        default=["loss", "exact"],
+        help="loss (and perplexity), exact (exact match), classify (accuracy against a label set); "
+        "default: loss exact",
+    )
+    p.add_argument(
+        "--embedder",
+        help="for classify: an HF text-encoder folder (BERT, SentenceBERT) that matches answers to labels "
+        "by cosine similarity, LTU's protocol (default: match by string)",
+    )
+    p.add_argument(
+        "--labels",
+        help="for classify: a file with one label per line (default: each task's distinct answers)",
+    )
     p.add_argument("--max-new-tokens", type=_positive_int, default=32)
     p.add_argument("--batch-size", type=_positive_int, default=8)
-    p.add_argument("--no-generate", action="store_true", help="loss and perplexity only")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def _eval(args) -> int:
-    from .infer import evaluate
+    from .infer import TextEmbedder, evaluate
     from .train.export import load_export
 
+    if (args.embedder or args.labels) and "classify" not in args.metric:
+        raise ValueError("--embedder and --labels belong to --metric classify")
+    labels = None
+    if args.labels:
+        with open(args.labels, encoding="utf-8") as f:
+            labels = [line.strip() for line in f if line.strip()]
+        if not labels:
+            raise ValueError(f"{args.labels}: no labels (one per line)")
+    embedder = TextEmbedder(args.embedder) if args.embedder else None
     model, tokenizer, info = load_export(args.model)
     prompt = info["prompt"]
     result = evaluate(
@@ -308,17 +335,35 @@ def _eval(args) -> int:
         prompt["template"],
         args.batch_size,
         args.max_new_tokens,
-        not args.no_generate,
+        tuple(args.metric),
+        prompt.get("train_on_inputs", True),
+        embedder,
+        labels,
     )
     if args.json:
         print(json.dumps(result))
-        return 0
-    print(f"{result['examples']} QA pairs: loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}")
-    if "exact_match" in result:
-        print(f"exact match {100 * result['exact_match']:.1f}%")
-        for task, acc in result["exact_match_by_task"].items():
-            print(f"  {task:<12} {100 * acc:.1f}%")
+    else:
+        print(report_table(result))
     return 0
+
+
+def report_table(result: dict) -> str:
+    lines = [f"{result['examples']} QA pairs"]
+    if "loss" in result:
+        lines[0] += f": loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}"
+    columns = [("exact match", result.get("exact_match_by_task"))]
+    columns.append((f"classified ({result.get('classify_by')})", result.get("classify_by_task")))
+    columns = [(name, col) for name, col in columns if col is not None]
+    if columns:
+        tasks = sorted(set().union(*(col for _, col in columns)))
+        lines.append(f"  {'task':<12}" + "".join(f"{name:>24}" for name, _ in columns))
+        for task in tasks:
+            lines.append(f"  {task:<12}" + "".join(f"{100 * col[task]:>23.1f}%" for _, col in columns))
+        if "exact_match" in result:
+            lines.append(f"  {'all':<12}{100 * result['exact_match']:>23.1f}%")
+    for s in result.get("samples", []):
+        lines.append(f"  Q: {s['question']}  A: {s['answer']!r}  (reference: {s['reference']!r})")
+    return "\n".join(lines)
 
 
 def _add_synth(sub) -> None:
@@ -337,7 +382,46 @@ def _synth(args) -> int:
     return 0
 
 
+def _add_demo(sub) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="the whole path on CPU: synthesise, convert, train on 2 ranks, export, evaluate",
+    )
+    p.add_argument("--out", default="demo_run", help="working folder (default demo_run)")
+    p.add_argument("--clips", type=_positive_int, default=400, help="training clips (default 400)")
+    p.add_argument("--test-clips", type=_positive_int, default=60, help="held-out clips (default 60)")
+    p.add_argument("--epochs", type=_positive_int, default=8, help="training epochs (default 8)")
+    p.add_argument("--ranks", type=_positive_int, default=2, help="DeepSpeed ranks (default 2)")
+    p.add_argument(
+        "--min-accuracy",
+        type=float,
+        default=0.9,
+        help="exit 1 when the held-out accuracy is below this (default 0.9; 0 to only report)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the demo recipe")
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    if not 0.0 <= args.min_accuracy <= 1.0:
+        raise ValueError(f"--min-accuracy must be within [0, 1], got {args.min_accuracy}")
+    result = run_demo(
+        args.out,
+        args.clips,
+        args.test_clips,
+        args.epochs,
+        args.ranks,
+        args.min_accuracy,
+        args.seed,
+        tuple(args.overrides),
+    )
+    return 0 if result["passed"] else 1
+
+
 COMMANDS = {
+    "demo": (_add_demo, _demo),
     "convert": (_add_convert, _convert),
     "verify": (_add_verify, _verify),
     "show": (_add_show, _show),

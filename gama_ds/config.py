@@ -44,6 +44,9 @@ class LoraConfig:
     alpha: int = 16
     dropout: float = 0.05
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    # LLM modules trained in full and saved in the adapter (peft's modules_to_save), e.g.
+    # [lm_head, embed_tokens]: what a randomly initialised LLM (the CPU demo's) needs to learn.
+    modules_to_save: tuple[str, ...] = ()
 
 
 @dataclass

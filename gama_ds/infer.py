@@ -78,6 +78,78 @@ def exact_match(predictions: list[str], references: list[str]) -> float:
     )
 
 
+class TextEmbedder:
+    """Sentences -> unit vectors with an HF encoder folder (BERT, SentenceBERT, ...): the last
+    hidden states mean-pooled over real tokens, as the LTU scripts' BERT setting does."""
+
+    def __init__(self, path: str, batch_size: int = 64):
+        from transformers import AutoModel, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModel.from_pretrained(path).eval()
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        out = []
+        for start in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(
+                texts[start : start + self.batch_size], padding=True, truncation=True, return_tensors="pt"
+            )
+            hidden = self.model(**enc).last_hidden_state
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            out.append((hidden * mask).sum(1) / mask.sum(1).clamp(min=1))
+        return torch.nn.functional.normalize(torch.cat(out).float(), dim=-1)
+
+
+def classify_by_string(prediction: str, labels: list[str]) -> str | None:
+    """The label the prediction names: equal after normalising, else the longest label it
+    contains as whole words; None when it names none."""
+    text = normalise(prediction)
+    names = {normalise(label): label for label in labels}
+    if text in names:
+        return names[text]
+    padded = f" {text} "
+    found = [n for n in names if f" {n} " in padded]
+    return names[max(found, key=len)] if found else None
+
+
+def classify_by_embedding(predictions: list[str], labels: list[str], embedder) -> list[str]:
+    """LTU's retrieval protocol: "sound of <text>" for both sides, the label of highest cosine."""
+    labels = list(labels)
+    scores = embedder([f"sound of {p}" for p in predictions]) @ embedder([f"sound of {x}" for x in labels]).T
+    return [labels[i] for i in scores.argmax(dim=1).tolist()]
+
+
+def classification_accuracy(
+    predictions: list[str],
+    references: list[str],
+    tasks: list[str],
+    embedder=None,
+    labels: list[str] | None = None,
+) -> dict:
+    """Single-label accuracy per task. The label set is `labels`, else each task's distinct
+    references; a prediction is matched to it by `embedder`, else by string."""
+    by_task: dict[str, list[int]] = {}
+    for i, task in enumerate(tasks):
+        by_task.setdefault(task, []).append(i)
+    result = {}
+    for task, idx in sorted(by_task.items()):
+        task_labels = sorted(set(labels) if labels else {references[i] for i in idx})
+        preds = [predictions[i] for i in idx]
+        if embedder is not None:
+            chosen = classify_by_embedding(preds, task_labels, embedder)
+        else:
+            chosen = [classify_by_string(p, task_labels) for p in preds]
+        refs = [normalise(references[i]) for i in idx]
+        hits = sum(c is not None and normalise(c) == r for c, r in zip(chosen, refs, strict=True))
+        result[task] = hits / len(idx)
+    return result
+
+
+METRICS = ("loss", "exact", "classify")
+
+
 def evaluate(
     model,
     tokenizer,
@@ -86,17 +158,56 @@ def evaluate(
     template: str,
     batch_size: int = 8,
     max_new_tokens: int = 32,
-    generate_answers: bool = True,
+    metrics: tuple[str, ...] = ("loss", "exact"),
+    train_on_inputs: bool = True,
+    embedder=None,
+    labels: list[str] | None = None,
 ) -> dict:
-    """Held-out loss and perplexity over every QA pair; exact-match accuracy of greedy answers."""
+    """Over every QA pair of the shard sets: `loss` (held-out loss and perplexity over the
+    tokens training supervised), and of greedy answers `exact` (exact match, overall and per
+    task) and `classify` (accuracy per task against a label set, see classification_accuracy);
+    a few answers as samples."""
     from .data.shards import iter_samples, read_index
 
-    collator = Collator(tokenizer, cutoff_len, template)
+    unknown = set(metrics) - set(METRICS)
+    if unknown:
+        raise ValueError(f"unknown metric {sorted(unknown)[0]!r}; metrics: {', '.join(METRICS)}")
     examples = []
     for root in shard_dirs:
         for entry in read_index(root)["shards"]:
             for sample in iter_samples(f"{root}/{entry['file']}"):
                 examples += [(sample.fbank, qa) for qa in sample.meta["qa"]]
+    result: dict = {"examples": len(examples)}
+    if "loss" in metrics:
+        collator = Collator(tokenizer, cutoff_len, template, train_on_inputs)
+        result["loss"] = _loss(model, collator, examples, batch_size)
+        result["perplexity"] = math.exp(result["loss"])
+    if "exact" not in metrics and "classify" not in metrics:
+        return result
+    qas = [qa for _, qa in examples]
+    references = [qa["output"] for qa in qas]
+    tasks = [qa.get("task") or "-" for qa in qas]
+    predictions = generate(
+        model, tokenizer, [f for f, _ in examples], qas, template, batch_size, max_new_tokens, do_sample=False
+    )
+    if "exact" in metrics:
+        result["exact_match"] = exact_match(predictions, references)
+        hits: dict[str, list[bool]] = {}
+        for p, r, t in zip(predictions, references, tasks, strict=True):
+            hits.setdefault(t, []).append(normalise(p) == normalise(r))
+        result["exact_match_by_task"] = {t: sum(v) / len(v) for t, v in sorted(hits.items())}
+    if "classify" in metrics:
+        result["classify_by"] = "embedding" if embedder is not None else "string"
+        result["classify_by_task"] = classification_accuracy(predictions, references, tasks, embedder, labels)
+    step = max(1, len(examples) // 6)
+    result["samples"] = [
+        {"question": qa["instruction"], "answer": p, "reference": qa["output"]}
+        for qa, p in list(zip(qas, predictions, strict=True))[::step][:6]
+    ]
+    return result
+
+
+def _loss(model, collator: Collator, examples: list, batch_size: int) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(examples), batch_size):
@@ -105,22 +216,4 @@ def evaluate(
             loss = model(b["fbank"], b["input_ids"], b["attention_mask"], b["labels"], b["has_audio"]).loss
             n = int((b["labels"][:, 1:] != IGNORE).sum())
             total, count = total + loss.item() * n, count + n
-    result = {"examples": len(examples), "loss": total / max(count, 1)}
-    result["perplexity"] = math.exp(result["loss"])
-    if generate_answers:
-        predictions = generate(
-            model,
-            tokenizer,
-            [f for f, _ in examples],
-            [qa for _, qa in examples],
-            template,
-            batch_size,
-            max_new_tokens,
-            do_sample=False,
-        )
-        result["exact_match"] = exact_match(predictions, [qa["output"] for _, qa in examples])
-        by_task: dict[str, list] = {}
-        for (_, qa), p in zip(examples, predictions, strict=True):
-            by_task.setdefault(qa.get("task") or "-", []).append(normalise(p) == normalise(qa["output"]))
-        result["exact_match_by_task"] = {t: sum(v) / len(v) for t, v in sorted(by_task.items())}
-    return result
+    return total / max(count, 1)

@@ -4,7 +4,7 @@ Each clip is one to four bursts of either a tone (high or low pitch) or noise, l
 quiet, over faint background noise. Several question forms per clip ask for the count,
 the pitch, the sound type and the loudness, so the answers depend on the audio alone.
 Clips are written as real audio files in a mix of formats and rates, with a GAMA-format
-training JSON and an evaluation-format test JSON.
+training JSON, an evaluation-format test JSON, and a word-level tokenizer of the set's text.
 """
 
 from __future__ import annotations
@@ -110,8 +110,24 @@ def synthesize(out: str, clips: int = 200, test_clips: int = 40, seed: int = 0) 
                     ],
                 }
             )
-    paths = {"train": os.path.join(out, "train.json"), "test": os.path.join(out, "test.json")}
+    paths = {
+        "train": os.path.join(out, "train.json"),
+        "test": os.path.join(out, "test.json"),
+        "tokenizer": os.path.join(out, "tokenizer"),
+    }
     for name, rows in (("train", train), ("test", test)):
         with open(paths[name], "w", encoding="utf-8") as f:
             json.dump(rows, f, indent=1)
+    write_tokenizer(paths["tokenizer"])
     return paths
+
+
+def write_tokenizer(folder: str) -> None:
+    """Every word the set's prompts and answers can contain, in the training template."""
+    from .data.collate import TEMPLATES
+    from .data.tokenizer import word_tokenizer
+
+    texts = [form for forms in TEMPLATES.values() for form in forms.values()]
+    texts += [q for forms in QUESTIONS.values() for q in forms]
+    texts += list(COUNT_WORDS) + ["high", "low", "tone", "noise", "loud", "quiet"]
+    word_tokenizer(texts).save_pretrained(folder)

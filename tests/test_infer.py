@@ -11,7 +11,16 @@ import pytest
 import torch
 
 from conftest import synth_shards, train_env
-from gama_ds.infer import evaluate, exact_match, generate, normalise
+from gama_ds.infer import (
+    TextEmbedder,
+    classification_accuracy,
+    classify_by_embedding,
+    classify_by_string,
+    evaluate,
+    exact_match,
+    generate,
+    normalise,
+)
 from gama_ds.train.export import export, load_export
 
 
@@ -122,3 +131,74 @@ def test_exact_match_on_known_answers():
     assert exact_match(["Four.", "two", "high pitch"], ["four", "three", "High pitch"]) == pytest.approx(
         2 / 3
     )
+
+
+def test_classification_by_string_names_the_label_the_answer_says():
+    labels = ["dog bark", "dog", "siren"]
+    assert classify_by_string("Dog bark.", labels) == "dog bark"
+    assert classify_by_string("it is a dog barking loudly", labels) == "dog"  # whole words only
+    assert classify_by_string("the sound of a dog bark nearby", labels) == "dog bark"  # longest match
+    assert classify_by_string("a car engine", labels) is None
+    refs = ["siren", "dog", "dog bark", "siren"]
+    preds = ["Siren!", "a dog", "cat", "dog"]
+    acc = classification_accuracy(preds, refs, ["a", "a", "b", "b"])
+    assert acc == {"a": 1.0, "b": 0.0}  # task b's labels: {dog bark, siren}; "dog" names neither
+
+
+@pytest.fixture(scope="module")
+def bert_embedder(tmp_path_factory):
+    """A small BERT text encoder written to a folder, as a user's SentenceBERT would be."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("bert")
+    words = "sound of a the dog bark siren car engine rain loud quiet high low tone noise one two".split()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    (folder / "vocab.txt").write_text("\n".join([*specials, *words]) + "\n")
+    BertTokenizerFast(str(folder / "vocab.txt")).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(words) + 5,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )
+    BertModel(config).save_pretrained(folder)
+    return TextEmbedder(str(folder))
+
+
+def test_classification_by_embedding_picks_the_nearest_label(bert_embedder):
+    labels = ["dog bark", "siren", "car engine", "rain"]
+    vectors = bert_embedder([f"sound of {x}" for x in labels])
+    assert torch.allclose(vectors.norm(dim=1), torch.ones(4), atol=1e-5)
+    # An answer that is a label's own text has cosine 1 with it, so it must be classified as that label,
+    # whatever the (random) encoder weights.
+    preds = ["siren", "rain", "dog bark", "car engine"]
+    assert classify_by_embedding(preds, labels, bert_embedder) == preds
+    acc = classification_accuracy(preds, ["siren", "rain", "rain", "car engine"], ["t"] * 4, bert_embedder)
+    assert acc == {"t": 0.75}
+
+
+def test_eval_cli_reports_classification_with_an_embedder(exported, bert_embedder, tmp_path):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("one\ntwo\nthree\nfour\nhigh\nlow\ntone\nnoise\nloud\nquiet\n")
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "gama_ds", "eval", "--model", exported["export"],
+            "--shards", str(exported["tmp"] / "test"), "--metric", "exact", "classify",
+            "--embedder", bert_embedder.model.name_or_path, "--labels", str(labels),
+            "--max-new-tokens", "3", "--json",
+        ],
+        env=train_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["classify_by"] == "embedding" and "loss" not in result
+    assert set(result["classify_by_task"]) == {"count", "pitch", "kind", "loudness"}
+    assert all(0.0 <= v <= 1.0 for v in result["classify_by_task"].values())
+    bad = subprocess.run(
+        [sys.executable, "-m", "gama_ds", "eval", "--model", exported["export"], "--shards", "x",
+         "--labels", "y"],
+        env=train_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert bad.returncode != 0 and "--metric classify" in bad.stderr

@@ -33,6 +33,7 @@ def build_model(
             lora_alpha=cfg.lora.alpha,
             lora_dropout=cfg.lora.dropout,
             target_modules=list(cfg.lora.target_modules),
+            modules_to_save=list(cfg.lora.modules_to_save) or None,
             bias="none",
             task_type="CAUSAL_LM",
         )

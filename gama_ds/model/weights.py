@@ -1,8 +1,9 @@
 """Parameter groups, what each stage trains, and import of the reference's checkpoints.
 
 Groups are decided by module membership, never by substrings of names: `llm` (the frozen
-base LM), `lora` (peft's adapter tensors), `audio_encoder`, `aggregator`, `qformer` (the
-Q-Former with its queries and input norm) and `projections`. The stage settings are the
+base LM), `lora` (peft's adapter tensors: LoRA matrices and `modules_to_save` copies),
+`audio_encoder`, `aggregator`, `qformer` (the Q-Former with its queries and input norm) and
+`projections`. The stage settings are the
 reference's (reference/gama.md §2.2), with one fix: parameters the forward pass never
 touches (the aggregator's cross-attention and the tap norms in `released` mode) are never
 trainable.
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 from peft.tuners.lora import LoraLayer
+from peft.utils.other import AuxiliaryTrainingWrapper
 
 GROUPS = ("llm", "lora", "audio_encoder", "aggregator", "qformer", "projections")
 AUDIO_GROUPS = {"encoder": "audio_encoder", "aggregator": "aggregator", "qformer": "qformer"}
@@ -30,8 +32,9 @@ def parameter_groups(model) -> dict[str, str]:
     """Full parameter name -> group."""
     lora_ids = set()
     for module in model.llm.modules():
-        if isinstance(module, LoraLayer):
-            for attr in LoraLayer.adapter_layer_names:
+        # LoRA matrices, and the trained copies of `lora.modules_to_save` (e.g. lm_head).
+        if isinstance(module, (LoraLayer, AuxiliaryTrainingWrapper)):
+            for attr in module.adapter_layer_names:
                 lora_ids.update(id(p) for p in getattr(module, attr).parameters())
     groups = {}
     for name, p in model.llm.named_parameters():

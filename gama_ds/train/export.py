@@ -125,7 +125,11 @@ def export(path: str, out: str, merge: bool = False) -> dict:
         "model": {**asdict(recipe.model), "llm": llm, "lora": None},
         "lora": lora,
         "features": audio.RECIPE,
-        "prompt": {"template": recipe.data.template, "cutoff_len": recipe.data.cutoff_len},
+        "prompt": {
+            "template": recipe.data.template,
+            "cutoff_len": recipe.data.cutoff_len,
+            "train_on_inputs": recipe.data.train_on_inputs,
+        },
         "source": {"run": os.path.abspath(run_dir), "checkpoint": tag, "recipe_hash": run["recipe_hash"]},
     }
     with open(os.path.join(out, INFO), "w", encoding="utf-8") as f:

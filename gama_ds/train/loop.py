@@ -132,8 +132,13 @@ def launch_info() -> dict:
         "SLURM_JOB_NODELIST",
         "SLURM_NNODES",
         "HOSTFILE",
+        "NODE_RANK",
+        "GAMA_DS_LAUNCH",  # the launch script's command line (launch/train.sh)
     )
     info = {k: os.environ[k] for k in keys if k in os.environ}
+    if os.path.isfile(os.environ.get("HOSTFILE", "")):
+        with open(os.environ["HOSTFILE"], encoding="utf-8") as f:
+            info["hostfile"] = f.read()
     try:
         import subprocess
 
