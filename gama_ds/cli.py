@@ -320,8 +320,11 @@ def _eval(args) -> int:
         raise ValueError("--embedder and --labels belong to --metric classify")
     labels = None
     if args.labels:
-        with open(args.labels, encoding="utf-8") as f:
-            labels = [line.strip() for line in f if line.strip()]
+        try:
+            with open(args.labels, encoding="utf-8") as f:
+                labels = [line.strip() for line in f if line.strip()]
+        except OSError as err:
+            raise ValueError(f"{args.labels}: cannot read the labels file: {err.strerror}") from None
         if not labels:
             raise ValueError(f"{args.labels}: no labels (one per line)")
     embedder = TextEmbedder(args.embedder) if args.embedder else None
