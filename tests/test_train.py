@@ -53,28 +53,14 @@ def run(shards, out, launcher, overrides=(), extra=(), ranks=2):
         *overrides,
         *extra,
     ]
-    if launcher == "torchrun":
-        cmd = [
-            os.path.join(BIN, "torchrun"),
-            "--nproc_per_node",
-            str(ranks),
-            "--master_port",
-            str(_port[0]),
-            "-m",
-            "gama_ds.train",
-            *args,
-        ]
-    elif launcher == "deepspeed":
-        cmd = [
-            os.path.join(BIN, "deepspeed"),
-            "--num_gpus",
-            str(ranks),
-            "--master_port",
-            str(_port[0]),
-            "--module",
-            "gama_ds.train",
-            *args,
-        ]
+    port = str(_port[0])
+    launchers = {
+        "torchrun": ["torchrun", "--nproc_per_node", str(ranks), "--master_port", port, "-m"],
+        "deepspeed": ["deepspeed", "--num_gpus", str(ranks), "--master_port", port, "--module"],
+    }
+    if launcher in launchers:
+        name, *flags = launchers[launcher]
+        cmd = [os.path.join(BIN, name), *flags, "gama_ds.train", *args]
     else:
         cmd = [sys.executable, "-m", "gama_ds", "train", *args]
     done = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
