@@ -335,6 +335,25 @@ def _ignore_stop_signals(worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+def _stop_workers(it) -> None:
+    """Stop a DataLoader iterator's workers now, not when the garbage collector gets to it: after
+    an error its traceback keeps it alive, and a worker still starting then finds its queues'
+    semaphores gone, dies, and fails whichever DataLoader runs next.
+
+    A worker stopped while its queue thread is still pickling a batch can abort as its
+    interpreter exits (CPython ends the thread with a forced unwind through torch's C++ frame).
+    Nothing is lost, the batch was not wanted, but torch's SIGCHLD handler would raise for it
+    and hide the error that stopped the loop, or fail a run that simply reached its last step."""
+    shutdown = getattr(it, "_shutdown_workers", None)
+    if shutdown is None:  # no workers
+        return
+    try:
+        shutdown()
+    except RuntimeError as err:
+        if "DataLoader worker" not in str(err):
+            raise
+
+
 class StreamLoader:
     """A DataLoader over a TrainStream that knows how far it got: its state resumes exactly."""
 
@@ -365,9 +384,13 @@ class StreamLoader:
             # so a resumed run's dropout masks stay those of the uninterrupted run.
             generator=torch.Generator().manual_seed(stream.cfg.seed + stream.epoch),
         )
-        for batch in loader:
-            self.consumed += 1
-            yield batch
+        it = iter(loader)
+        try:
+            for batch in it:
+                self.consumed += 1
+                yield batch
+        finally:
+            _stop_workers(it)
         stream.epoch += 1
         self.consumed = 0
 
