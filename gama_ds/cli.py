@@ -204,7 +204,9 @@ def _add_train(sub) -> None:
 def _train(args) -> int:
     from .train.loop import train
 
-    result = train(args.recipe, args.overrides, args.resume, args.stop_at)
+    # The launch scripts resume every node through the environment (train.sh forwards GAMA_DS_*).
+    resume = args.resume or os.environ.get("GAMA_DS_RESUME") or None
+    result = train(args.recipe, args.overrides, resume, args.stop_at)
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps(result))
     return 0

@@ -83,6 +83,23 @@ def check(
     }
 
 
+TRAINER_OPTIONS = ("--resume", "--stop-at")
+
+
+def _without_trainer_options(argv: list[str]) -> list[str]:
+    """launch/train.sh hands the same arguments to this check and to the trainer, whose own
+    options (`--resume auto`, `--stop-at N`) may sit anywhere among the overrides."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in TRAINER_OPTIONS:
+            skip = True
+        elif not arg.startswith(tuple(f"{o}=" for o in TRAINER_OPTIONS)):
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gama_ds.launch")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -93,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--devices", type=int, help="devices on this node (default: not checked)")
     p.add_argument("--node-rank", type=int)
     p.add_argument("--field", choices=("world_size", "master", "nodes", "slots"), help="print only this")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_without_trainer_options(sys.argv[1:] if argv is None else argv))
     try:
         shape = check(args.hostfile, args.recipe, args.overrides, args.devices, args.node_rank)
     except (HostfileError, ConfigError) as err:

@@ -13,12 +13,13 @@
 #
 # The ranks' environment: variables named in GAMA_DS_FORWARD_ENV (default: NCCL_* PYTHONPATH
 # OMP_NUM_THREADS TORCH_EXTENSIONS_DIR HF_* TRANSFORMERS_* CUDA_* GAMA_DS_*) are written to
-# .gama_ds/deepspeed_env and handed to DeepSpeed as its .deepspeed_env file, which it exports on
-# every node it starts over ssh. With NO_SSH=1 each node's launcher inherits this shell's.
+# .gama_ds/deepspeed_env (with HOSTFILE and GAMA_DS_LAUNCH, which run.json records) and handed to
+# DeepSpeed as its .deepspeed_env file, which it exports on every node it starts over ssh. With
+# NO_SSH=1 no file is written: each node's launcher inherits this shell's environment.
 set -euo pipefail
 
 if [[ $# -lt 1 ]]; then
-    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 fi
 recipe=$1
@@ -37,21 +38,25 @@ check=("$PYTHON" -m gama_ds.launch check "$HOSTFILE" "$recipe" "$@")
 "${check[@]}" >&2 # fails, naming the file and line, before anything starts
 MASTER_ADDR=${MASTER_ADDR:-$("${check[@]}" --field master)}
 
-mkdir -p .gama_ds
-env_file=$PWD/.gama_ds/deepspeed_env
-forward=${GAMA_DS_FORWARD_ENV:-"NCCL_ PYTHONPATH OMP_NUM_THREADS TORCH_EXTENSIONS_DIR HF_ TRANSFORMERS_ CUDA_ GAMA_DS_"}
-: >"$env_file"
-while IFS='=' read -r name value; do
-    for prefix in $forward; do
-        if [[ $name == "$prefix"* && $value != *$'\n'* ]]; then
-            printf '%s=%s\n' "$name" "$value" >>"$env_file"
-            break
-        fi
-    done
-done < <(env)
-export DS_ENV_FILE=$env_file
 export HOSTFILE
 export GAMA_DS_LAUNCH="launch/train.sh $recipe $*"
+
+if [[ ${NO_SSH:-0} != 1 ]]; then
+    # Only the ssh path reads it; without ssh every node's launcher inherits this shell.
+    mkdir -p .gama_ds
+    env_file=$PWD/.gama_ds/deepspeed_env
+    forward=${GAMA_DS_FORWARD_ENV:-"NCCL_ PYTHONPATH OMP_NUM_THREADS TORCH_EXTENSIONS_DIR HF_ TRANSFORMERS_ CUDA_ GAMA_DS_"}
+    : >"$env_file"
+    while IFS='=' read -r name value; do
+        for prefix in $forward HOSTFILE; do
+            if [[ $name == "$prefix"* && $value != *$'\n'* ]]; then
+                printf '%s=%s\n' "$name" "$value" >>"$env_file"
+                break
+            fi
+        done
+    done < <(env)
+    export DS_ENV_FILE=$env_file
+fi
 
 args=(--hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
 if [[ ${NO_SSH:-0} == 1 ]]; then

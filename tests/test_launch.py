@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from conftest import ROOT, synth_shards, train_env
-from gama_ds.launch import HostfileError, check, parse_hostfile
+from gama_ds.launch import HostfileError, check, main, parse_hostfile
 
 SCRIPT = os.path.join(ROOT, "launch", "train.sh")
 
@@ -54,6 +54,16 @@ def test_hostfile_shape_checks(tmp_path):
         check(str(tmp_path / "missing"), "tiny", [])
 
 
+def test_the_check_takes_the_trainers_options_among_the_overrides(tmp_path, capsys):
+    # launch/train.sh hands the same arguments to the check and to the trainer.
+    good = write(tmp_path / "hostfile", "node-a slots=2\n")
+    argv = ["check", good, "tiny", "train.micro_batch_size=2", "--resume", "auto", "--stop-at", "5"]
+    assert main([*argv, "train.global_batch_size=12", "--field", "world_size"]) == 0
+    assert capsys.readouterr().out.strip() == "2"
+    assert main([*argv, "train.global_batch_size=13"]) == 2
+    assert "global_batch_size" in capsys.readouterr().err
+
+
 def test_train_sh_refuses_a_bad_job_before_starting_anything(tmp_path):
     hostfile = write(tmp_path / "hostfile", "node-a slots=2\nnode-a slots=2\n")
     done = subprocess.run(
@@ -89,7 +99,6 @@ def test_two_nodes_without_ssh_train_a_tiny_stage_to_the_end(tmp_path):
         "PYTHON": sys.executable,
         "NO_SSH": "1",
         "MASTER_PORT": "29677",
-        "NCCL_DEBUG": "WARN",  # forwarded to the ranks through .gama_ds/deepspeed_env
     }
     nodes = [
         subprocess.Popen(
@@ -118,5 +127,6 @@ def test_two_nodes_without_ssh_train_a_tiny_stage_to_the_end(tmp_path):
     assert run["launch"]["GAMA_DS_LAUNCH"].startswith("launch/train.sh tiny")
     assert run["launch"]["hostfile"] == (tmp_path / "hostfile").read_text()
     assert run["launch"]["MASTER_ADDR"] == "127.0.0.1" and run["launch"]["NODE_RANK"] == "0"
-    assert "NCCL_DEBUG=WARN" in (tmp_path / ".gama_ds" / "deepspeed_env").read_text()
+    # Both nodes share this folder: without ssh neither writes DeepSpeed's environment file.
+    assert not (tmp_path / ".gama_ds" / "deepspeed_env").exists()
     assert (out / "checkpoints").is_dir()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -225,6 +226,20 @@ def test_a_preemption_signal_saves_a_checkpoint_and_resume_auto_continues(shards
     assert again.returncode == 0, again.stderr[-3000:]
     resumed = [json.loads(line)["step"] for line in metrics.read_text().splitlines()[before:]]
     assert resumed == list(range(result["step"] + 1, 33))
+
+
+def test_the_resource_tracker_survives_slurms_usr1_warning():
+    # --signal=USR1@T reaches every process of a Slurm step; the tracker must ignore it or die.
+    probe = (
+        "from gama_ds.train.loop import _start_resource_tracker_deaf_to_usr1 as start\n"
+        "from multiprocessing import resource_tracker\n"
+        "start()\n"
+        "status = open(f'/proc/{resource_tracker._resource_tracker._pid}/status').read()\n"
+        "print(int(status.split('SigIgn:')[1].split()[0], 16))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) & (1 << (signal.SIGUSR1 - 1))
 
 
 def test_groups_can_have_their_own_learning_rate():

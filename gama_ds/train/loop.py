@@ -88,6 +88,19 @@ def mean_over_ranks(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
+def _start_resource_tracker_deaf_to_usr1() -> None:
+    """Slurm's --signal=USR1@T reaches every process of the job step, multiprocessing's resource
+    tracker too, which dies of it and leaves the DataLoader's semaphores to leak. Started with
+    USR1 ignored, it keeps that disposition (an ignored signal stays ignored across exec)."""
+    from multiprocessing import resource_tracker
+
+    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
 class StopSignal:
     """SIGTERM or SIGUSR1 (preemption, Slurm's warning) asks for a checkpoint and a clean exit."""
 
@@ -136,6 +149,8 @@ def launch_info() -> dict:
         "GAMA_DS_LAUNCH",  # the launch script's command line (launch/train.sh)
     )
     info = {k: os.environ[k] for k in keys if k in os.environ}
+    # What the launch scripts forwarded to this rank (on remote nodes: through .deepspeed_env).
+    info.update({k: v for k, v in os.environ.items() if k.startswith("GAMA_DS_")})
     if os.path.isfile(os.environ.get("HOSTFILE", "")):
         with open(os.environ["HOSTFILE"], encoding="utf-8") as f:
             info["hostfile"] = f.read()
@@ -176,6 +191,7 @@ def train(recipe_path: str, overrides: list[str] = (), resume: str | None = None
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format="%(message)s")
 
     # -- 2. processes, seeds, tokenizer, model (built identically on every rank)
+    _start_resource_tracker_deaf_to_usr1()  # before anything creates a semaphore
     start_process_group(local_rank)
     seed_everything(recipe.train.seed)
     tokenizer = load_tokenizer(plan.tokenizer)
