@@ -202,3 +202,12 @@ def test_eval_cli_reports_classification_with_an_embedder(exported, bert_embedde
         env=train_env(), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert bad.returncode != 0 and "--metric classify" in bad.stderr
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    for path, message in ((tmp_path / "missing.txt", "cannot read the labels file"), (empty, "no labels")):
+        bad = subprocess.run(
+            [sys.executable, "-m", "gama_ds", "eval", "--model", exported["export"], "--shards", "x",
+             "--metric", "classify", "--labels", str(path)],
+            env=train_env(), capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert bad.returncode != 0 and f"{path}: {message}" in bad.stderr, bad.stderr[-2000:]
