@@ -45,9 +45,10 @@ def make_clip(rng: np.random.Generator, sr: int) -> tuple[np.ndarray, dict]:
     amp = rng.uniform(0.4, 0.7) if attrs["loudness"] == "loud" else rng.uniform(0.03, 0.06)
     freq = rng.uniform(1800, 2600) if attrs["pitch"] == "high" else rng.uniform(250, 450)
     burst = int(0.2 * sr)
+    gap = int(0.25 * sr)  # at least this much quiet after each burst: touching bursts count as one
     slot = n // attrs["count"]
     for k in range(attrs["count"]):
-        start = k * slot + int(rng.integers(0, max(1, slot - burst)))
+        start = k * slot + int(rng.integers(0, slot - burst - gap + 1))
         t = np.arange(burst) / sr
         if attrs["kind"] == "tone":
             sig = np.sin(2 * np.pi * freq * t)
