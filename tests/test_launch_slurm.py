@@ -73,8 +73,14 @@ def test_a_stage_warned_by_usr1_requeues_and_resumes_to_the_end(slurm, data, tmp
     )
     assert info["Requeue"] == "1"
     # Slurm holds a requeued job for two minutes (BeginTime); let it start sooner, but not within
-    # the second of the requeue: slurmd compares to the second with the revoked credential.
-    time.sleep(2)
+    # the second of the requeue (its new SubmitTime): slurmd compares to the second with the
+    # revoked credential.
+    wait_for(
+        lambda: time.strftime("%Y-%m-%dT%H:%M:%S") > info["SubmitTime"],
+        10,
+        f"the second after the requeue at {info['SubmitTime']}",
+        every=0.05,
+    )
     slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")
     info = slurm.wait_state(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"), 300)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", tail(str(output), 30) + slurm.logs()
