@@ -56,7 +56,7 @@ class ModelConfig:
     aggregator: str = "paper"  # paper (uses the taps) | released (the released checkpoints' behaviour)
     audio: AudioConfig = field(default_factory=AudioConfig)
     lora: LoraConfig | None = field(default_factory=LoraConfig)  # null: no LoRA (stage 1)
-    trainable: str = "qformer_all"  # proj | qformer | qformer_all | all (see gama_ds/model/weights.py)
+    trainable: str = "qformer_all"  # proj | qformer | qformer_all | all | all_but_encoder (model/weights.py)
     attn_implementation: str = (
         "auto"  # auto (flash_attention_2 where it runs, else sdpa) | sdpa | eager | ...
     )
@@ -67,7 +67,7 @@ class ModelConfig:
         choices = {
             "variant": ("gama", "ltu"),
             "aggregator": ("paper", "released"),
-            "trainable": ("proj", "qformer", "qformer_all", "all"),
+            "trainable": ("proj", "qformer", "qformer_all", "all", "all_but_encoder"),
             "dtype": ("float32", "bfloat16", "float16"),
         }
         for name, allowed in choices.items():
@@ -75,7 +75,7 @@ class ModelConfig:
                 raise ConfigError(
                     f"model.{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}"
                 )
-        if self.variant == "ltu" and self.trainable in ("qformer", "qformer_all"):
+        if self.variant == "ltu" and self.trainable in ("qformer", "qformer_all", "all_but_encoder"):
             raise ConfigError(
                 f"model.trainable {self.trainable!r} needs the gama variant; LTU trains proj or all"
             )

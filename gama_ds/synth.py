@@ -1,6 +1,6 @@
 """A small synthetic audio QA set that needs no download: beeps a model can learn to hear.
 
-Each clip is one to four bursts of either a tone (high or low pitch) or noise, loud or
+Each clip (4-6 s) is one to four 0.4 s bursts of either a tone (high or low pitch) or noise, loud or
 quiet, over faint background noise. Several question forms per clip ask for the count,
 the pitch, the sound type and the loudness, so the answers depend on the audio alone.
 Clips are written as real audio files in a mix of formats and rates, with a GAMA-format
@@ -16,6 +16,12 @@ import numpy as np
 import soundfile
 
 COUNT_WORDS = ("one", "two", "three", "four")
+CLIP_SECONDS = (4.0, 6.0)  # of the encoder's 10.24 s window; the rest is padding
+BURST_SECONDS = 0.4  # about 2.5 of the encoder's 64 time tokens
+# The quiet after each burst: more than two of the encoder's 0.16 s time tokens, so that at
+# least one token between two bursts is silent wherever the bursts fall (0.25 s was not: two
+# bursts could share every token between them, and the count was lost in the features).
+GAP_SECONDS = 0.35
 QUESTIONS = {
     "count": ("How many beeps are in the audio?", "Count the sound events in this clip."),
     "pitch": ("Is the pitch of the sound high or low?", "Is this a high or a low sound?"),
@@ -39,13 +45,13 @@ def make_clip(rng: np.random.Generator, sr: int) -> tuple[np.ndarray, dict]:
         "pitch": "high" if rng.random() < 0.5 else "low",
         "loudness": "loud" if rng.random() < 0.5 else "quiet",
     }
-    duration = float(rng.uniform(2.5, 4.0))
+    duration = float(rng.uniform(*CLIP_SECONDS))
     n = int(duration * sr)
     wav = 0.002 * rng.standard_normal(n)
     amp = rng.uniform(0.4, 0.7) if attrs["loudness"] == "loud" else rng.uniform(0.03, 0.06)
     freq = rng.uniform(1800, 2600) if attrs["pitch"] == "high" else rng.uniform(250, 450)
-    burst = int(0.2 * sr)
-    gap = int(0.25 * sr)  # at least this much quiet after each burst: touching bursts count as one
+    burst = int(BURST_SECONDS * sr)
+    gap = int(GAP_SECONDS * sr)
     slot = n // attrs["count"]
     for k in range(attrs["count"]):
         start = k * slot + int(rng.integers(0, slot - burst - gap + 1))

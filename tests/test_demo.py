@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from conftest import train_env
@@ -16,20 +17,26 @@ def test_demo_pipeline_end_to_end(tmp_path):
     out = tmp_path / "demo"
     done = subprocess.run(
         [sys.executable, "-m", "gama_ds", "demo", "--out", str(out), "--clips", "48", "--test-clips", "8",
-         "--epochs", "1", "--min-accuracy", "0"],
+         "--epochs", "1", "--warmup-steps", "30", "--min-accuracy", "0"],
         env=train_env(), capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     summary = json.loads((out / "demo.json").read_text())
     assert summary["ranks"] == 2 and summary["passed"] is True
     assert set(summary["accuracy_by_task"]) == {"count", "pitch", "kind", "loudness"}
-    assert set(summary["timings"]) == {"synthesise", "convert", "train", "export", "evaluate"}
+    assert set(summary["timings"]) == {"synthesise", "convert", "warm-up", "train", "export", "evaluate"}
+    assert set(summary["warm_up_accuracy_by_task"]) == {"count", "pitch", "kind", "loudness"}
     # Training ran with the DeepSpeed launcher on 2 ranks, ZeRO-2, on the set's own tokenizer.
     run = json.loads((out / "run" / "run.json").read_text())
     assert run["world_size"] == 2 and run["recipe"]["deepspeed"]["zero_stage"] == 2
     assert run["recipe"]["data"]["tokenizer"].endswith("tokenizer")
-    # The export's audio modules and adapter are what eval loaded; its loss is the run's.
-    assert load_file(str(out / "export" / "audio.safetensors"))
+    # The stage started from the warmed-up encoder and kept it: the final export's encoder is the
+    # warm-up's, while the modules after it trained.
+    assert run["recipe"]["train"]["init"].endswith("encoder")
+    warmed = load_file(str(out / "encoder" / "audio.safetensors"))
+    final = load_file(str(out / "export" / "audio.safetensors"))
+    assert all(torch.equal(t, final[n]) for n, t in warmed.items() if n.startswith("encoder."))
+    assert not all(torch.equal(warmed[n], final[n]) for n in warmed if n.startswith("proj_"))
     metrics = [json.loads(x) for x in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     assert summary["eval_loss"] == pytest.approx(metrics[-1]["eval_loss"], abs=1e-5)
     assert "held-out accuracy" in done.stdout and "clip_00048" in done.stdout  # answers from raw audio

@@ -29,8 +29,9 @@ def trainable_groups(model) -> set[str]:
         (dict(trainable="qformer_all"), {"audio_encoder", "aggregator", "qformer", "projections", "lora"}),
         (dict(trainable="proj", lora=None), {"projections"}),
         (dict(variant="ltu", trainable="all"), {"audio_encoder", "projections", "lora"}),
+        (dict(trainable="all_but_encoder"), {"aggregator", "qformer", "projections", "lora"}),  # the demo
     ],
-    ids=["stage1", "stage2-5", "proj", "ltu-all"],
+    ids=["stage1", "stage2-5", "proj", "ltu-all", "all-but-encoder"],
 )
 def test_each_stage_trains_its_groups_and_nothing_else(overrides, groups):
     from gama_ds.model.weights import parameter_groups, unused_parameters

@@ -27,11 +27,13 @@ PRESETS = {
         num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=2048,
         rms_norm_eps=1e-6, tie_word_embeddings=False,
     ),
-    # A few-hundred-thousand-parameter Llama for tests and the CPU demo.
+    # A few-hundred-thousand-parameter Llama for tests and the CPU demo. Initialised at std 0.1
+    # (about 1/sqrt(64)), not Llama's 0.02, which suits 4096-wide layers: at 64 wide the random
+    # LLM's signals are then too small for the demo to learn through in minutes (docs/DEMO.md).
     "tiny": dict(
         vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-        rms_norm_eps=1e-6, tie_word_embeddings=False,
+        rms_norm_eps=1e-6, tie_word_embeddings=False, initializer_range=0.1,
     ),
 }  # fmt: skip
 

@@ -25,6 +25,9 @@ TRAINABLE = {
     "qformer": {"aggregator", "projections"},
     "qformer_all": {"audio_encoder", "aggregator", "qformer", "projections"},
     "all": {"audio_encoder", "aggregator", "projections"},  # LTU's "all": every audio module
+    # Not the reference's: `qformer_all` with the encoder frozen, for an encoder already trained
+    # for the task that the stage should not disturb (the demo's warmed-up one).
+    "all_but_encoder": {"aggregator", "qformer", "projections"},
 }
 
 

@@ -80,7 +80,6 @@ def load_init(model, path: str) -> None:
 def export(path: str, out: str, merge: bool = False) -> dict:
     """Write the export of a run's latest complete checkpoint (or of one checkpoint)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    from safetensors.torch import save_file
 
     run_dir, ckpt_dir, tag = find_checkpoint(path)
     with open(os.path.join(run_dir, "run.json"), encoding="utf-8") as f:
@@ -98,6 +97,14 @@ def export(path: str, out: str, merge: bool = False) -> dict:
     with torch.no_grad():
         for name, tensor in trained.items():
             params[name].copy_(tensor.to(params[name].dtype))
+
+    source = {"run": os.path.abspath(run_dir), "checkpoint": tag, "recipe_hash": run["recipe_hash"]}
+    return write_export(model, recipe, out, source, merge)
+
+
+def write_export(model, recipe: Recipe, out: str, source: dict, merge: bool = False) -> dict:
+    """Write `model` (built from `recipe`) as an export folder; `source` says where it came from."""
+    from safetensors.torch import save_file
 
     os.makedirs(out, exist_ok=True)
     save_file(
@@ -130,7 +137,7 @@ def export(path: str, out: str, merge: bool = False) -> dict:
             "cutoff_len": recipe.data.cutoff_len,
             "train_on_inputs": recipe.data.train_on_inputs,
         },
-        "source": {"run": os.path.abspath(run_dir), "checkpoint": tag, "recipe_hash": run["recipe_hash"]},
+        "source": source,
     }
     with open(os.path.join(out, INFO), "w", encoding="utf-8") as f:
         json.dump(info, f, indent=1)
