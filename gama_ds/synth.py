@@ -1,8 +1,9 @@
 """A small synthetic audio QA set that needs no download: beeps a model can learn to hear.
 
-Each clip (4-6 s) is one to four 0.4 s bursts of either a tone (high or low pitch) or noise, loud or
-quiet, over faint background noise. Several question forms per clip ask for the count,
-the pitch, the sound type and the loudness, so the answers depend on the audio alone.
+Each clip (4-6 s) is one to four 0.4 s bursts of either a tone (high or low pitch) or
+noise, loud or quiet, over faint background noise. Several question forms per clip ask for
+the count, the pitch, the sound type and the loudness, so the answers depend on the audio
+alone.
 Clips are written as real audio files in a mix of formats and rates, with a GAMA-format
 training JSON, an evaluation-format test JSON, and a word-level tokenizer of the set's text.
 """

@@ -10,8 +10,8 @@ does with tags), and writes the result as an export that the demo stage starts f
 
 Each head reads the encoder's 64 time tokens. Events are a few tokens out of 64 (most are
 padding or quiet), so a head that averages first dilutes them; a presence question takes
-a (smooth) max over tokens of per-token logits, and a counting question sums a per-token feature
-over time, since every burst lasts equally long.
+the max of per-token logits over the clip's tokens, and a counting question sums a per-token
+feature over time, since every burst lasts equally long.
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ class SumHead(nn.Module):
         self.out = nn.Linear(width, classes)
 
     def forward(self, tokens: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        # Over all 64 tokens, padding included: a per-token feature summed over the clip,
-        # not its mean, which would change with the clip's length.
+        # Divided by a fixed 64, padding included, this is a sum over the clip: a mean over
+        # the clip's own tokens would change with its length for the same count.
         return self.out(F.gelu(self.per_token(tokens)).mean(dim=1))
 
 

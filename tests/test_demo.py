@@ -37,6 +37,7 @@ def test_demo_pipeline_end_to_end(tmp_path):
     final = load_file(str(out / "export" / "audio.safetensors"))
     assert all(torch.equal(t, final[n]) for n, t in warmed.items() if n.startswith("encoder."))
     assert not all(torch.equal(warmed[n], final[n]) for n in warmed if n.startswith("proj_"))
+    # What eval loaded from the export scores the loss the run itself measured last.
     metrics = [json.loads(x) for x in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     assert summary["eval_loss"] == pytest.approx(metrics[-1]["eval_loss"], abs=1e-5)
     assert "held-out accuracy" in done.stdout and "clip_00048" in done.stdout  # answers from raw audio
