@@ -49,7 +49,7 @@ def pretrain_encoder(
     from .train.loop import seed_everything
     from .warmup import warm_up
 
-    recipe = load_recipe(args[0], [a for a in args[1:] if not a.startswith("train.init=")])
+    recipe = load_recipe(args[0], args[1:])  # loading does not look for train.init; building neither
     seed_everything(recipe.train.seed)
     model = build_model(recipe.model)
     before = torch.get_num_threads()

@@ -8,9 +8,9 @@ import multiprocessing
 import os
 import shutil
 import tarfile
-import time
 
 import pytest
+from cluster import wait_for
 
 from gama_ds.data.collate import Collator
 from gama_ds.data.convert import ConvertOptions, convert
@@ -233,17 +233,6 @@ def test_batches_are_bucketed_by_length(data):
     assert padding(8) < padding(1)
 
 
-def workers_gone(before: set, within: float = 10.0) -> bool:
-    """True once no child process but those in `before` is alive (a worker that torch had to
-    terminate is reaped a moment after the loader returns)."""
-    deadline = time.monotonic() + within
-    while set(multiprocessing.active_children()) - before:
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
 def test_a_bad_sample_error_stays_the_error_and_leaves_nothing_behind(data):
     # Workers of a loader stopped by an error, if left to the garbage collector, could die
     # (their queues' semaphores gone) and fail the next loader; stopped while still sending
@@ -256,7 +245,8 @@ def test_a_bad_sample_error_stays_the_error_and_leaves_nothing_behind(data):
     for _ in range(6):
         with pytest.raises(ShardError, match=rf"{shard}: sample '{key}'"):
             list(StreamLoader(TrainStream(sets, StreamConfig(micro_batch=4), COLLATOR, 0, 1, 2)))
-        assert workers_gone(before)
+        # A worker that torch had to terminate is reaped a moment after the loader returns.
+        wait_for(lambda: not set(multiprocessing.active_children()) - before, 10, "the workers to exit", 0.05)
     skip_cfg = StreamConfig(micro_batch=4, on_bad_sample="skip")
     skip = StreamLoader(TrainStream(sets, skip_cfg, COLLATOR, 0, 1, 2))
     assert len(list(skip)) == len(skip)

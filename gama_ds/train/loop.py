@@ -146,10 +146,10 @@ def launch_info() -> dict:
         "SLURM_NNODES",
         "HOSTFILE",
         "NODE_RANK",
-        "GAMA_DS_LAUNCH",  # the launch script's command line (launch/train.sh)
     )
     info = {k: os.environ[k] for k in keys if k in os.environ}
-    # What the launch scripts forwarded to this rank (on remote nodes: through .deepspeed_env).
+    # What the launch scripts forwarded to this rank (on remote nodes: through .deepspeed_env),
+    # GAMA_DS_LAUNCH, train.sh's command line, among them.
     info.update({k: v for k, v in os.environ.items() if k.startswith("GAMA_DS_")})
     if os.path.isfile(os.environ.get("HOSTFILE", "")):
         with open(os.environ["HOSTFILE"], encoding="utf-8") as f:
