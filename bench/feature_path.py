@@ -22,7 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import interleaved, machine, write_clips, write_gama_json  # noqa: E402
 from gama_ds.audio import pad_features  # noqa: E402
 from gama_ds.data.convert import ConvertOptions, convert  # noqa: E402
-from gama_ds.data.shards import iter_samples, read_index  # noqa: E402
+from gama_ds.data.plan import Ref  # noqa: E402
+from gama_ds.data.stream import Reader, StreamConfig, open_sets  # noqa: E402
 
 
 def reference_item(path: str) -> torch.Tensor:
@@ -45,10 +46,15 @@ def reference_item(path: str) -> torch.Tensor:
     return (fbank + 5.081) / 4.4849
 
 
-def ours(shards: list[str]) -> None:
-    for path in shards:
-        for sample in iter_samples(path):
-            pad_features(torch.from_numpy(sample.fbank))
+def ours(root: str) -> None:
+    """The training stream's path: one pread per sample at its indexed offset, its CRC-32
+    checked against the conversion's, safe decoding, padding."""
+    sets = open_sets([(root, 1.0)])
+    reader = Reader(sets, StreamConfig(micro_batch=1), epoch=0, keep_clips=0)
+    for shard, entry in enumerate(sets[0].shards):
+        for sample in range(entry["samples"]):
+            pad_features(torch.from_numpy(reader.example(Ref(0, 0, shard, sample, 0)).fbank))
+    reader.close()
 
 
 def reference(clips: list[str]) -> None:
@@ -65,10 +71,8 @@ def main(n: int = 64, repeats: int = 5) -> None:
             src = write_gama_json(os.path.join(tmp, f"{sr}.json"), clips, lambda i: 1)
             out = os.path.join(tmp, f"shards{sr}")
             convert([src], out, ConvertOptions(), workers=1, progress=False, log=lambda m: None)
-            shards = [os.path.join(out, e["file"]) for e in read_index(out)["shards"]]
-
             t = interleaved(
-                {"shards": lambda s=shards: ours(s), "reference": lambda c=clips: reference(c)}, repeats
+                {"shards": lambda o=out: ours(o), "reference": lambda c=clips: reference(c)}, repeats
             )
             ratio = t["reference"] / t["shards"]
             print(

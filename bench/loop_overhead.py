@@ -62,7 +62,7 @@ def bare(shards: str) -> float:
     collator = Collator(byte_tokenizer(), recipe.data.cutoff_len)
     d = recipe.data
     cfg = StreamConfig(
-        micro_batch=4, batch_multiple=4, shuffle_buffer=d.shuffle_buffer, bucket_batches=d.bucket_batches
+        micro_batch=4, global_batch=16, shuffle_buffer=d.shuffle_buffer, bucket_batches=d.bucket_batches
     )
     stream = TrainStream(open_sets([(shards, 1.0)]), cfg, collator, 0, 1, 0)
     loader = StreamLoader(stream)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import zlib
 from contextlib import contextmanager
 
 import numpy as np
@@ -19,6 +20,7 @@ import webdataset as wds
 from conftest import CLIPS, write_audio, write_json, write_jsonl
 from gama_ds import audio
 from gama_ds.cli import main
+from gama_ds.data import sample_index
 from gama_ds.data.convert import PROGRESS, ConvertError, ConvertOptions, convert
 from gama_ds.data.shards import iter_samples, read_index
 
@@ -113,6 +115,25 @@ def test_stock_webdataset_and_tar_read_the_shards(qa_set, tmp_path):
     assert len(names) == 8 and all(n.endswith((".fbank.npy", ".json")) for n in names)
     with tarfile.open(urls[0]) as tar:
         assert {m.mtime for m in tar.getmembers()} == {0}
+
+
+def test_each_shard_has_a_sample_index_that_locates_and_checksums_its_samples(qa_set, tmp_path):
+    out = tmp_path / "out"
+    run([qa_set["gama"]], out, shard_samples=3)
+    for entry in read_index(str(out))["shards"]:
+        index = sample_index.load(str(out), entry)
+        path = out / entry["file"]
+        with open(path, "rb") as f:
+            spans = list(zip(index.offsets[:-1].tolist(), index.offsets[1:].tolist(), strict=True))
+            pieces = [os.pread(f.fileno(), end - start, start) for start, end in spans]
+        # Each span is exactly one sample, in tar order, and its CRC-32 is the stored one.
+        in_tar = [(s.key, s.meta) for s in iter_samples(str(path))]
+        cut = [sample_index.split_members(piece, entry["file"]) for piece in pieces]
+        assert [key for key, _ in cut] == [key for key, _ in in_tar]
+        assert [json.loads(m["json"]) for _, m in cut] == [meta for _, meta in in_tar]
+        assert index.crc32.tolist() == [zlib.crc32(piece) for piece in pieces]
+        assert [len(q) for q in index.qa_bytes] == entry["qa_per_sample"]
+        assert entry["sample_index"]["file"] == entry["file"].replace(".tar", ".idx.json")
 
 
 def test_every_reject_reason_is_reported_and_valid_clips_are_kept(tmp_path):

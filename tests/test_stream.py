@@ -12,10 +12,11 @@ import tarfile
 import pytest
 from cluster import wait_for
 
+from gama_ds.data import sample_index
 from gama_ds.data.collate import Collator
 from gama_ds.data.convert import ConvertOptions, convert
 from gama_ds.data.shards import ShardError, sha256_file
-from gama_ds.data.stream import StreamConfig, StreamError, StreamLoader, TrainStream, open_sets
+from gama_ds.data.stream import StreamConfig, StreamLoader, TrainStream, open_sets
 from gama_ds.data.tokenizer import byte_tokenizer
 from gama_ds.synth import synthesize
 
@@ -55,23 +56,32 @@ def rank_keys(sets, cfg, world=2, workers=2, loader=None):
     return out
 
 
+def global_batches(per_rank, accumulation):
+    """Rank batches -> the global batches they make up, each as the sorted list of its examples."""
+    steps = len(per_rank[0]) // accumulation
+    window = [slice(g * accumulation, (g + 1) * accumulation) for g in range(steps)]
+    return [sorted(k for batches in per_rank for b in batches[w] for k in b) for w in window]
+
+
 def test_an_epoch_covers_every_example_once_across_ranks_and_workers(data):
-    per_rank = rank_keys(open_sets([(data["even"], 1.0)]), StreamConfig(micro_batch=4))
+    per_rank = rank_keys(open_sets([(data["even"], 1.0)]), StreamConfig(micro_batch=4, global_batch=16))
     flat = [k for batches in per_rank for b in batches for k in b]
     assert len(per_rank[0]) == len(per_rank[1]) == 16
     assert len(flat) == len(set(flat)) == 128  # disjoint and complete
 
 
-def test_uneven_shards_still_give_every_rank_the_same_batch_count(data):
+def test_global_batches_do_not_depend_on_ranks_or_workers(data):
+    # 120 examples in 8 uneven shards, global batch 16: 7 global batches, 8 examples left over,
+    # on 1 rank, 2 ranks x 2 workers, 4 ranks x 3 workers and 8 ranks (more readers than shards).
     sets = open_sets([(data["uneven"], 1.0)])
-    cfg = StreamConfig(micro_batch=4, batch_multiple=2)
-    per_rank = rank_keys(sets, cfg)
-    counts = [len(b) for b in per_rank]
-    expected = len(TrainStream(sets, cfg, COLLATOR, 0, 2, 2))
-    assert counts == [expected, expected] and expected % 2 == 0 and expected > 0
-    flat = [k for batches in per_rank for b in batches for k in b]
-    assert len(flat) == len(set(flat))  # nothing repeats within an epoch
-    assert all(len(b) == 4 for batches in per_rank for b in batches)
+    cfg = StreamConfig(micro_batch=2, global_batch=16, shuffle_buffer=24)
+    one = global_batches(rank_keys(sets, cfg, world=1, workers=0), 8)
+    assert len(one) == 7 and all(len(set(g)) == 16 for g in one)
+    assert len({k for g in one for k in g}) == 112  # 120 - 8 left over, none twice
+    for world, workers in ((2, 2), (4, 3), (8, 0)):
+        per_rank = rank_keys(sets, cfg, world=world, workers=workers)
+        assert {len(b) for b in per_rank} == {7 * 8 // world}
+        assert global_batches(per_rank, 8 // world) == one, (world, workers)
 
 
 def test_the_same_call_gives_the_same_batches_and_another_epoch_reshuffles(data):
@@ -85,10 +95,18 @@ def test_the_same_call_gives_the_same_batches_and_another_epoch_reshuffles(data)
     assert second != first and sorted(sum(second, [])) == sorted(sum(first, []))
 
 
+def test_neighbouring_examples_come_from_different_shards(data):
+    # Lanes: a micro-batch mixes shards even when the shuffle window is one example.
+    sets = open_sets([(data["even"], 1.0)])
+    batches = rank_keys(sets, StreamConfig(micro_batch=4, shuffle_buffer=1, bucket_batches=1), 1, 0)[0]
+    shards_per_batch = [len({k.split("/")[1] for k in b}) for b in batches]
+    assert min(shards_per_batch) == 4, shards_per_batch
+
+
 SETUPS = {
-    "mixed-2-workers": (lambda d: [(d["uneven"], 1.0), (d["other"], 0.5)], dict(), 2),
-    "k-per-clip-3-workers": (lambda d: [(d["uneven"], 1.0)], dict(examples_per_clip=2, batch_multiple=2), 3),
-    "in-process": (lambda d: [(d["even"], 1.0)], dict(shuffle_buffer=3), 0),
+    "mixed-2-workers": (lambda d: [(d["uneven"], 1.0), (d["other"], 0.5)], dict(global_batch=8), 2),
+    "k-per-clip-3-workers": (lambda d: [(d["uneven"], 1.0)], dict(examples_per_clip=2, global_batch=16), 3),
+    "in-process": (lambda d: [(d["even"], 1.0)], dict(shuffle_buffer=3, global_batch=8), 0),
 }
 
 
@@ -124,17 +142,26 @@ def test_resuming_from_the_state_continues_exactly(data, setup, where):
         assert rest == run[k:n]
 
 
-def test_another_world_size_resumes_at_the_epoch_boundary(data):
-    sets = open_sets([(data["even"], 1.0)])
-    cfg = StreamConfig(micro_batch=4)
-    loader = StreamLoader(TrainStream(sets, cfg, COLLATOR, 0, 2, 0))
-    it = iter(loader)
-    next(it)
-    state = loader.state_dict()
-    it.close()
-    wider = StreamLoader(TrainStream(sets, cfg, COLLATOR, 0, 4, 0))
-    note = wider.load_state_dict(state)
-    assert "resuming at the start of epoch 1" in note and wider.epoch == 1 and wider.consumed == 0
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2), (2, 4)])
+def test_another_world_size_resumes_at_the_same_global_example(data, before, after):
+    sets = open_sets([(data["uneven"], 1.0)])
+    cfg = StreamConfig(micro_batch=2, global_batch=8, shuffle_buffer=10)
+    whole = [k for g in global_batches(rank_keys(sets, cfg, world=1, workers=0), 4) for k in g]
+    states, trained = [], []
+    for rank in range(before):  # every rank stops after 5 global batches, as at a checkpoint
+        loader = StreamLoader(TrainStream(sets, cfg, COLLATOR, rank, before, 1))
+        it = iter(loader)
+        trained += [k for _ in range(5 * 4 // before) for k in next(it)["keys"]]
+        states.append(json.loads(json.dumps(loader.state_dict())))
+        it.close()
+    rest = []
+    for rank in range(after):
+        loader = StreamLoader(TrainStream(sets, cfg, COLLATOR, rank, after, 2))
+        assert loader.load_state_dict(states[0]) is None
+        rest += [k for b in loader for k in b["keys"]]
+    assert len(trained) + len(rest) == len(whole) == 112
+    assert sorted(trained + rest) == sorted(whole)  # nothing repeated, nothing skipped
+    assert sorted(trained) == sorted(whole[: 5 * 8])
 
 
 def test_mixing_weights_are_honoured(data):
@@ -152,10 +179,24 @@ def test_mixing_weights_are_honoured(data):
     assert len(keys) > 300 and abs(share - 0.75) < 0.07, share
 
 
-def test_too_few_shards_fail_before_training_and_say_how_many(data):
+def test_k_examples_per_clip_take_k_different_pairs_of_every_clip(data):
     sets = open_sets([(data["even"], 1.0)])
-    with pytest.raises(StreamError, match=r"8 shards but 4 ranks x 4 workers need at least 16"):
-        TrainStream(sets, StreamConfig(micro_batch=4), COLLATOR, 0, 4, 4)
+    keys = [k for b in rank_keys(sets, StreamConfig(micro_batch=4, examples_per_clip=2), 1, 0)[0] for k in b]
+    clips = {}
+    for k in keys:
+        clip, qa = k.rsplit("#", 1)
+        clips.setdefault(clip, set()).add(qa)
+    assert len(keys) == 64 and len(clips) == 32 and all(len(q) == 2 for q in clips.values())
+
+
+def test_an_eval_stream_covers_every_example_once_on_any_world_size(data):
+    sets = open_sets([(data["uneven"], 1.0)])  # 120 examples
+    for world in (1, 3, 7):
+        cfg = StreamConfig(micro_batch=4, global_batch=4 * world, bucket_batches=1, cover_all=True)
+        per_rank = rank_keys(sets, cfg, world=world, workers=0)
+        flat = [k for p in per_rank for b in p for k in b]
+        assert len(flat) == len(set(flat)) == 120, world
+        assert len({len(p) for p in per_rank}) == 1
 
 
 def corrupt_one_sample(src, dst):
@@ -174,6 +215,9 @@ def corrupt_one_sample(src, dst):
                 info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
     entry["bytes"], entry["sha256"] = os.path.getsize(path), sha256_file(path)
+    # As a converter would have indexed it: the bad bytes are what the checksum vouches for.
+    name = sample_index.write(path, sample_index.scan(path, checksums=True))
+    entry["sample_index"] = {"file": name, "sha256": sha256_file(os.path.join(dst, name))}
     json.dump(index, open(os.path.join(dst, "index.json"), "w"))
     return entry["file"], bad_name.split(".")[0]
 
@@ -187,14 +231,14 @@ def test_bad_samples_fail_by_name_or_are_skipped_and_counted(data):
     ):
         list(StreamLoader(TrainStream(sets, StreamConfig(micro_batch=4), COLLATOR, 0, 1, 2)))
     skip = StreamConfig(micro_batch=4, on_bad_sample="skip")
-    counts, bad = [], 0
+    counts, bad, keys = [], 0, []
     for rank in range(2):
         batches = list(StreamLoader(TrainStream(sets, skip, COLLATOR, rank, 2, 2)))
         counts.append(len(batches))
         bad += sum(b["bad_samples"] for b in batches)
-    # The reader that lost a clip's 4 QA pairs tops its quota up from a second pass over its
-    # shards, where it may meet the bad sample once more; both ranks still run 16 batches.
-    assert counts == [16, 16] and 1 <= bad <= 2
+        keys += [k for b in batches for k in b["keys"]]
+    # The bad clip's 4 QA pairs are each counted and missing; the 124 others are all there.
+    assert counts == [16, 16] and bad == 4 and len(set(keys)) == len(keys) == 124
 
 
 def test_a_truncated_shard_is_caught_even_at_a_member_boundary(data):
@@ -250,3 +294,51 @@ def test_a_bad_sample_error_stays_the_error_and_leaves_nothing_behind(data):
     skip_cfg = StreamConfig(micro_batch=4, on_bad_sample="skip")
     skip = StreamLoader(TrainStream(sets, skip_cfg, COLLATOR, 0, 1, 2))
     assert len(list(skip)) == len(skip)
+
+
+def flip_bits_inside_a_sample(src, dst):
+    """Copy a shard set and flip the low bit of 400 bytes of one sample's features in place:
+    the shard keeps its size and every value stays finite, so only a checksum can tell."""
+    shutil.copytree(src, dst)
+    entry = json.load(open(os.path.join(dst, "index.json")))["shards"][5]
+    path = os.path.join(dst, entry["file"])
+    with tarfile.open(path) as tar:
+        info = next(m for m in tar.getmembers() if m.name.endswith(".npy"))
+    with open(path, "r+b") as f:
+        f.seek(info.offset_data + 256)
+        data = f.read(400)
+        f.seek(info.offset_data + 256)
+        f.write(bytes(b ^ 1 for b in data))
+    return entry["file"], info.name.split(".")[0]
+
+
+def test_flipped_bits_in_a_sample_are_a_bad_sample_named_by_shard_and_key(data):
+    root = str(data["tmp"] / "flipped")
+    shard, key = flip_bits_inside_a_sample(data["even"], root)
+    sets = open_sets([(root, 1.0)])
+    with pytest.raises(ShardError, match=rf"flipped/{shard}: sample '{key}' .*checksum mismatch"):
+        list(StreamLoader(TrainStream(sets, StreamConfig(micro_batch=4), COLLATOR, 0, 1, 0)))
+    skip = StreamLoader(
+        TrainStream(sets, StreamConfig(micro_batch=4, on_bad_sample="skip"), COLLATOR, 0, 1, 0)
+    )
+    batches = list(skip)
+    keys = [k for b in batches for k in b["keys"]]
+    # Only that clip's 4 QA pairs are lost: the reader read no other sample's bytes wrongly.
+    assert sum(b["bad_samples"] for b in batches) == 4 and len(set(keys)) == 124
+    assert not any(k.startswith(f"flipped/{shard}/{key}#") for k in keys)
+
+
+def test_a_shard_set_converted_before_sample_indexes_reads_the_same(data):
+    root = str(data["tmp"] / "old")
+    shutil.copytree(data["uneven"], root)
+    index = json.load(open(os.path.join(root, "index.json")))
+    for entry in index["shards"]:
+        os.remove(os.path.join(root, entry.pop("sample_index")["file"]))
+    json.dump(index, open(os.path.join(root, "index.json"), "w"))
+    cfg = StreamConfig(micro_batch=4, global_batch=8)
+
+    def batches(path):
+        per_rank = rank_keys(open_sets([(path, 1.0)]), cfg, world=2, workers=1)
+        return [[k.split("/", 1)[1] for k in b] for p in per_rank for b in p]
+
+    assert batches(root) == batches(data["uneven"])

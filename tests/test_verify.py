@@ -73,6 +73,18 @@ def test_a_flipped_byte_is_caught(shard_set):
     assert main(["verify", str(shard_set)]) == 1
 
 
+def test_bit_flips_inside_features_are_named_by_sample(shard_set):
+    path = shard_set / "shard-000001.tar"
+    with tarfile.open(path) as tar:
+        info = [m for m in tar.getmembers() if m.name.endswith(".npy")][1]
+    data = bytearray(path.read_bytes())
+    for i in range(info.offset_data + 256, info.offset_data + 656):
+        data[i] ^= 0x01  # the low mantissa bit: every value stays finite
+    path.write_bytes(bytes(data))
+    problems, _ = verify(str(shard_set))
+    assert "shard-000001.tar: sample #1: CRC-32 differs from shard-000001.idx.json's" in problems
+
+
 def test_a_truncated_shard_is_caught(shard_set):
     path = shard_set / "shard-000000.tar"
     data = path.read_bytes()

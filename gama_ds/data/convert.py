@@ -31,7 +31,9 @@ from .shards import (
     FORMAT_VERSION,
     INDEX,
     META,
+    OPTIONAL_FIELDS,
     REJECTS,
+    SAMPLE_INDEX_PATTERN,
     SHARD_FIELDS,
     SHARD_PATTERN,
     encode_features,
@@ -152,7 +154,21 @@ def _library_versions(backend: str) -> dict:
 def _our_files(out: str) -> list[str]:
     names = os.listdir(out) if os.path.isdir(out) else []
     ours = {INDEX, REJECTS, PROGRESS}
-    return [n for n in names if n in ours or SHARD_PATTERN.match(n.removesuffix(".tmp"))]
+    return [
+        n
+        for n in names
+        if n in ours or any(p.match(n.removesuffix(".tmp")) for p in (SHARD_PATTERN, SAMPLE_INDEX_PATTERN))
+    ]
+
+
+def _files_of(entry: dict) -> list[str]:
+    return [entry["file"]] + ([entry["sample_index"]["file"]] if "sample_index" in entry else [])
+
+
+def _sample_index_intact(out: str, entry: dict) -> bool:
+    ref = entry.get("sample_index")
+    path = os.path.join(out, ref["file"]) if ref else ""
+    return ref is None or (os.path.isfile(path) and sha256_file(path) == ref["sha256"])
 
 
 def _read_progress(out: str, plan: str) -> tuple[list[dict], list[dict]] | None:
@@ -181,10 +197,12 @@ def _read_progress(out: str, plan: str) -> tuple[list[dict], list[dict]] | None:
             and os.path.isfile(path)
             and os.path.getsize(path) == shard["bytes"]
             and sha256_file(path) == shard["sha256"]
+            and _sample_index_intact(out, shard)
         )
         if not valid:
             break
-        entry["shard"] = {k: shard[k] for k in SHARD_FIELDS}  # the index's field order
+        # the index's field order
+        entry["shard"] = {k: shard[k] for k in SHARD_FIELDS + OPTIONAL_FIELDS if k in shard}
         kept.append(entry)
         rejects.extend(entry["rejects"])
     return kept, rejects
@@ -240,7 +258,7 @@ def convert(
     kept, clip_rejects = progress_state or ([], [])
     start_clip = kept[-1]["next_clip"] if kept else 0
     for name in _our_files(out):
-        if name != PROGRESS and name not in {e["shard"]["file"] for e in kept}:
+        if name != PROGRESS and name not in {f for e in kept for f in _files_of(e["shard"])}:
             os.remove(os.path.join(out, name))
     # Rewritten atomically: a crash here must not lose the record of the kept shards.
     _write_atomic(

@@ -31,9 +31,13 @@ FBANK = "fbank.npy"
 META = "json"
 MEMBERS = (FBANK, META)
 SHARD_PATTERN = re.compile(r"^shard-\d{6}\.tar$")
+SAMPLE_INDEX_PATTERN = re.compile(r"^shard-\d{6}\.idx\.json$")
 QA_FIELDS = ("instruction", "input", "output", "dataset", "task")
 # One index entry, in order; qa_per_sample lets the stream plan exact example counts.
 SHARD_FIELDS = ("file", "samples", "qa_pairs", "bytes", "sha256", "qa_per_sample")
+# Written since per-sample indexes exist ({file, sha256} of the shard's data/sample_index.py
+# file); absent in older shard sets, which stay readable.
+OPTIONAL_FIELDS = ("sample_index",)
 
 
 class ShardError(ValueError):
@@ -233,7 +237,31 @@ def verify_shard(root: str, entry: dict) -> tuple[list[str], list[str]]:
         problems.append(f"{name}: {qa_pairs} QA pairs in valid samples, index says {entry['qa_pairs']}")
     elif per_sample != entry["qa_per_sample"]:
         problems.append(f"{name}: QA pairs per sample differ from the index's qa_per_sample")
+    problems.extend(_verify_sample_index(root, entry))
     return problems, keys
+
+
+def _verify_sample_index(root: str, entry: dict) -> list[str]:
+    """The shard's sample index: present, unchanged, and true of the shard as it is now."""
+    from . import sample_index
+
+    ref = entry.get("sample_index")
+    if ref is None:
+        return []
+    path = os.path.join(root, ref["file"])
+    if not os.path.isfile(path):
+        return [f"{entry['file']}: its sample index {ref['file']} is missing"]
+    if sha256_file(path) != ref["sha256"]:
+        return [f"{ref['file']}: sha256 differs from the index's"]
+    try:
+        stored = sample_index.load(root, entry)
+        fresh = sample_index.scan(os.path.join(root, entry["file"]), checksums=True)
+    except (sample_index.SampleIndexError, tarfile.TarError, OSError) as err:
+        return [f"{ref['file']}: {err}"]
+    bad = np.flatnonzero(stored.crc32 != fresh.crc32) if len(stored) == len(fresh) else []
+    if len(stored) != len(fresh) or not np.array_equal(stored.offsets, fresh.offsets):
+        return [f"{ref['file']}: sample offsets differ from the shard's"]
+    return [f"{entry['file']}: sample #{i}: CRC-32 differs from {ref['file']}'s" for i in bad]
 
 
 def verify(root: str, workers: int = 1, progress: bool = False) -> tuple[list[str], dict]:
@@ -242,9 +270,12 @@ def verify(root: str, workers: int = 1, progress: bool = False) -> tuple[list[st
     entries = index["shards"]
     problems: list[str] = []
     listed = {e["file"] for e in entries}
+    indexes = {e["sample_index"]["file"] for e in entries if "sample_index" in e}
     for name in sorted(os.listdir(root)):
         if SHARD_PATTERN.match(name) and name not in listed:
             problems.append(f"{name}: shard file not listed in {INDEX}")
+        if SAMPLE_INDEX_PATTERN.match(name) and name not in indexes:
+            problems.append(f"{name}: sample index not listed in {INDEX}")
     totals = index.get("totals", {})
     for field_, key in (
         ("shards", None),

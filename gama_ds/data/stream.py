@@ -1,28 +1,21 @@
-"""The training stream: which example each (rank, DataLoader worker) reads, exactly.
+"""The training stream: the epoch plan's micro-batches, read, checked and collated for one rank.
 
-Everything below is a pure function of (seed, epoch, world size, worker count) and the shard
-indexes, so the same call gives the same batches on every run, and a stream rebuilt from its
-state continues exactly where the old one stopped.
+`data/plan.py` decides what every global batch holds, from (seed, epoch) and the shard indexes
+alone. This module decides who reads it and reads it:
 
-Per epoch, as a chain of small stages (each worker runs it for itself):
+- rank r takes micro-batch a x R + r of every global batch as its accumulation step a, so every
+  rank yields the same number of batches (global batches x accumulation) by construction;
+- the rank's batch k comes from DataLoader worker k % W, the order in which torch's DataLoader
+  takes batches from its workers (rotated on resume);
+- a worker reads each example's clip with one `pread` at the offset the shard's sample index
+  gives (data/sample_index.py), checks its CRC-32, decodes it safely (no pickle) and keeps the
+  last few clips, since a clip's QA pairs sit close together in the order.
 
-1. plan      - each shard set's shards, in a seeded order, go to the R x W readers greedily
-               by QA count (readers end up within one shard of each other); every reader gets
-               the same example quota: the smallest reader's count, in whole micro-batches.
-2. examples  - a reader walks its shards in order and expands every clip into its QA pairs
-               (or k of them), through a seeded shuffle buffer; a set that runs dry starts a
-               new, reshuffled pass (only with mixing or `examples_per_clip`).
-3. mix       - with several sets, each example comes from a set drawn by the mixing weights.
-4. batches   - windows of `bucket_batches` micro-batches are sorted by token length, cut
-               into micro-batches and shuffled, so a batch wastes little on padding.
-5. share     - the rank's batch k comes from worker k % W, which is the order in which
-               torch's DataLoader takes batches from its workers (rotated on resume).
-
-Every rank therefore yields the same number of batches per epoch by construction. The state is
-(epoch, batches consumed, a digest of the stream's settings and shards); resuming replays the
-consumed part of the epoch (reading and decoding, not collating: about 130 us per clip) and
-continues. A different world size, or changed settings or shards, resume at the next epoch
-boundary, with a note saying so.
+The state is (epoch, global batches consumed, this rank's batches consumed, world size, a digest
+of the settings and shards). Resuming seeks straight to the first unread micro-batch: on the
+same world size exactly where the rank stopped, on another world size at the same global
+example (the first global batch not yet trained). Changed settings or shards resume at the next
+epoch boundary, with a note.
 """
 
 from __future__ import annotations
@@ -32,17 +25,24 @@ import json
 import logging
 import os
 import signal
+import tarfile
+import zlib
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .collate import Collator, Example
-from .shards import ShardError, decode_sample, iter_members, read_index
+from . import sample_index
+from .collate import IGNORE, Collator, Example
+from .plan import EpochPlan, PlanError, Ref, rng
+from .sample_index import SampleIndexError
+from .shards import ShardError, decode_sample, read_index
 
 log = logging.getLogger(__name__)
 BAD_SAMPLE_POLICIES = ("fail", "skip")
+PADDING = "<padding>"
 
 
 class StreamError(ValueError):
@@ -53,11 +53,47 @@ class StreamError(ValueError):
 class ShardSet:
     root: str
     weight: float
-    shards: list[dict]  # index entries: file, samples, qa_pairs, bytes, sha256
+    shards: list[dict]  # index entries: file, samples, qa_pairs, bytes, sha256, qa_per_sample, ...
+    _examples: dict = field(default_factory=dict, repr=False)
+    _starts: dict = field(default_factory=dict, repr=False)
 
     @property
     def name(self) -> str:
         return os.path.basename(os.path.normpath(self.root))
+
+    @property
+    def indexed(self) -> bool:
+        """Whether every shard has a sample index (offsets and checksums)."""
+        return all("sample_index" in e for e in self.shards)
+
+    def shard_examples(self, k: int) -> np.ndarray:
+        """Examples per shard in an epoch: every QA pair (k = 0) or at most k per clip."""
+        if k not in self._examples:
+            if k == 0:
+                counts = [e["qa_pairs"] for e in self.shards]
+            else:
+                counts = [int(np.minimum(e["qa_per_sample"], k).sum()) for e in self.shards]
+            self._examples[k] = np.array(counts, dtype=np.int64)
+        return self._examples[k]
+
+    def examples(self, k: int) -> int:
+        return int(self.shard_examples(k).sum())
+
+    def sample_starts(self, shard: int, k: int) -> np.ndarray:
+        """The first example index of each sample of a shard, and the shard's total last."""
+        key = (shard, k)
+        if key not in self._starts:
+            per = np.asarray(self.shards[shard]["qa_per_sample"], dtype=np.int64)
+            if k:
+                per = np.minimum(per, k)
+            self._starts[key] = np.concatenate([[0], np.cumsum(per)])
+        return self._starts[key]
+
+    def __getstate__(self):  # workers rebuild the caches they need
+        return {"root": self.root, "weight": self.weight, "shards": self.shards}
+
+    def __setstate__(self, state):
+        self.__init__(**state)
 
 
 def open_sets(specs: list[tuple[str, float]]) -> list[ShardSet]:
@@ -71,24 +107,43 @@ def open_sets(specs: list[tuple[str, float]]) -> list[ShardSet]:
         index = read_index(root)
         if not index["shards"]:
             raise StreamError(f"{root}: the index lists no shards")
-        sets.append(ShardSet(root, float(weight), index["shards"]))
+        s = ShardSet(root, float(weight), index["shards"])
+        if not s.indexed:
+            log.warning(
+                "%s was converted without per-sample indexes: each reader scans a shard's headers "
+                "to find its samples, and samples are checked for structure only, not checksummed; "
+                "convert it again with this gama_ds to have both",
+                root,
+            )
+        sets.append(s)
     return sets
 
 
 @dataclass
 class StreamConfig:
     micro_batch: int  # examples per batch
+    global_batch: int = 0  # examples per optimizer step over all ranks; 0: one micro-batch
     seed: int = 0
-    shuffle_buffer: int = 1000  # examples held for shuffling, per worker and shard set
+    shuffle_buffer: int = 1000  # examples per shuffle window of the global order
     examples_per_clip: int = 0  # 0: every QA pair of a clip each epoch; k: k of them
-    bucket_batches: int = 8  # micro-batches per length-sorting window; 1 turns bucketing off
+    bucket_batches: int = 8  # micro-batches per length-sorting run; 1 turns bucketing off
     on_bad_sample: str = "fail"  # fail: stop naming shard, key and cause; skip: count and go on
-    batch_multiple: int = 1  # per-rank batches per epoch are a multiple of this (accumulation)
+    lanes: int = 64  # shards read side by side per set (neighbouring examples' shards)
+    cover_all: bool = False  # every example exactly once, the last global batch padded (eval)
+
+    def __post_init__(self):
+        if self.global_batch == 0:
+            self.global_batch = self.micro_batch
 
     def check(self) -> None:
-        for name in ("micro_batch", "shuffle_buffer", "bucket_batches", "batch_multiple"):
+        for name in ("micro_batch", "shuffle_buffer", "bucket_batches", "lanes"):
             if getattr(self, name) < 1:
                 raise StreamError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.global_batch % self.micro_batch:
+            raise StreamError(
+                f"the global batch {self.global_batch} is not a multiple of the micro-batch "
+                f"{self.micro_batch}"
+            )
         if self.examples_per_clip < 0:
             raise StreamError(f"examples_per_clip must be 0 (all) or positive, got {self.examples_per_clip}")
         if self.on_bad_sample not in BAD_SAMPLE_POLICIES:
@@ -97,171 +152,119 @@ class StreamConfig:
             )
 
 
-def _rng(*key: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([int(k) for k in key]))
+class Reader:
+    """Reads the examples of refs for one worker: sample indexes, open files and the last few
+    decoded clips are kept. Bad samples raise under `fail` and come back as None under `skip`."""
 
+    def __init__(self, sets: list[ShardSet], cfg: StreamConfig, epoch: int, keep_clips: int = 32):
+        self.sets, self.cfg, self.epoch = sets, cfg, epoch
+        self.indexes: OrderedDict = OrderedDict()
+        self.files: OrderedDict = OrderedDict()
+        self.clips: OrderedDict = OrderedDict()
+        self.keep_clips = keep_clips
+        self.broken: dict[tuple[int, int], ShardError] = {}
+        self.bad = 0
 
-@dataclass
-class EpochPlan:
-    """Which shards each reader walks this epoch, and how many batches each worker yields."""
+    def _where(self, si: int, shard: int) -> str:
+        return f"{self.sets[si].name}/{self.sets[si].shards[shard]['file']}"
 
-    sets: list[ShardSet]
-    cfg: StreamConfig
-    epoch: int
-    world_size: int
-    num_workers: int
-    reader_shards: list[list[list[int]]] = field(init=False)  # [reader][set] -> shard indices
-    quota: int = field(init=False)  # examples per reader
-    rank_batches: int = field(init=False)
+    def index(self, si: int, shard: int) -> sample_index.SampleIndex:
+        key = (si, shard)
+        if key in self.broken:
+            raise self.broken[key]
+        if key not in self.indexes:
+            s, entry, where = self.sets[si], self.sets[si].shards[shard], self._where(si, shard)
+            try:
+                size = os.path.getsize(os.path.join(s.root, entry["file"]))
+                if size != entry["bytes"]:
+                    raise ShardError(f"{where}: {size} bytes, the index says {entry['bytes']}")
+                index = sample_index.load(s.root, entry)
+                if len(index) != entry["samples"]:
+                    raise ShardError(f"{where}: {len(index)} samples, the index says {entry['samples']}")
+            except (OSError, SampleIndexError, tarfile.TarError, ShardError) as err:
+                # A damaged shard is a bad sample for each of its samples, reported each time.
+                self.broken[key] = err if isinstance(err, ShardError) else ShardError(f"{where}: {err}")
+                raise self.broken[key] from None
+            self.indexes[key] = index
+            if len(self.indexes) > 4 * self.cfg.lanes * len(self.sets):
+                self.indexes.popitem(last=False)
+        self.indexes.move_to_end(key)
+        return self.indexes[key]
 
-    def __post_init__(self):
-        readers = self.world_size * self.num_workers
-        for s in self.sets:
-            if len(s.shards) < readers:
-                raise StreamError(
-                    f"{s.root} has {len(s.shards)} shards but {self.world_size} ranks x {self.num_workers} "
-                    f"workers need at least {readers}: reconvert with a smaller --shard-size or "
-                    f"--shard-samples, or use fewer DataLoader workers"
-                )
-        self.reader_shards = [[[] for _ in self.sets] for _ in range(readers)]
-        counts = np.zeros(readers, dtype=np.int64)
-        for si, s in enumerate(self.sets):
-            order = _rng(self.cfg.seed, self.epoch, si, 0).permutation(len(s.shards))
-            set_counts = np.zeros(readers, dtype=np.int64)
-            for shard in order:
-                r = int(np.argmin(set_counts))
-                self.reader_shards[r][si].append(int(shard))
-                set_counts[r] += self.examples_in(s.shards[shard])
-            counts += set_counts
-        per_reader = int(counts.min()) // self.cfg.micro_batch
-        m = self.cfg.batch_multiple
-        self.rank_batches = (per_reader * self.num_workers) // m * m
-        self.quota = per_reader * self.cfg.micro_batch
-        if self.rank_batches == 0:
-            raise StreamError(
-                f"too little data: each of {readers} readers gets {int(counts.min())} examples, less than "
-                f"the {self.cfg.micro_batch * m} one step per rank needs"
-            )
-
-    def examples_in(self, shard: dict) -> int:
-        k = self.cfg.examples_per_clip
-        return shard["qa_pairs"] if k == 0 else sum(min(q, k) for q in shard["qa_per_sample"])
-
-    def worker_batches(self, worker: int) -> int:
-        return len(range(worker, self.rank_batches, self.num_workers))
-
-
-class _BadSamples:
-    def __init__(self, policy: str):
-        self.policy, self.count, self.reported = policy, 0, 0
-
-    def handle(self, err: ShardError) -> None:
-        if self.policy == "fail":
-            raise err
-        self.count += 1
-        log.warning("skipping bad sample: %s", err)
-
-    def new(self) -> int:
-        """Bad samples met since the last call: summed over batches, ranks and workers."""
-        fresh, self.reported = self.count - self.reported, self.count
-        return fresh
-
-
-def _clips(s: ShardSet, shards: list[int], bad: _BadSamples):
-    """(key, fbank, meta) per clip of the given shards, in order.
-
-    A shard whose size or sample count disagrees with the index (truncated, overwritten) is a
-    bad sample too, so a damaged shard never passes silently.
-    """
-    for shard in shards:
-        entry = s.shards[shard]
-        name = f"{s.name}/{entry['file']}"
-        path = os.path.join(s.root, entry["file"])
-        seen = 0
+    def qa_bytes(self, ref: Ref) -> int:
+        """The ref's QA text length in bytes, from the sample index (bucketing); 0 if unknown."""
         try:
-            if os.path.getsize(path) != entry["bytes"]:
-                raise ShardError(f"{name}: {os.path.getsize(path)} bytes, the index says {entry['bytes']}")
-            for key, members in iter_members(path):
-                seen += 1
-                try:
-                    sample = decode_sample(key, members, name)
-                except ShardError as err:
-                    bad.handle(err)
-                    continue
-                yield f"{name}/{key}", sample.fbank, sample.meta
-            if seen != entry["samples"]:
-                raise ShardError(f"{name}: {seen} samples, the index says {entry['samples']}")
-        except (ShardError, OSError) as err:
-            bad.handle(err if isinstance(err, ShardError) else ShardError(f"{name}: {err}"))
+            lengths = self.index(ref.set, ref.shard).qa_bytes[ref.sample]
+        except ShardError:
+            return 0  # a broken shard: reported when its samples are read
+        picks = self._picks(ref, len(lengths))
+        return lengths[picks[ref.k]] if ref.k < len(picks) else 0
 
+    def _picks(self, ref: Ref, n_qa: int) -> list[int]:
+        k = self.cfg.examples_per_clip
+        if not k or n_qa <= k:
+            return list(range(n_qa))
+        draw = rng(self.cfg.seed, self.epoch, ref.set, ref.pass_, ref.shard, ref.sample, 1 << 23)
+        return sorted(draw.choice(n_qa, k, replace=False).tolist())
 
-def _examples(plan: EpochPlan, reader: int, si: int, bad: _BadSamples):
-    """An endless example stream of one set for one reader, pass after pass."""
-    cfg, s = plan.cfg, plan.sets[si]
-    shards = plan.reader_shards[reader][si]
-    for p in range(1 << 30):
-        order = (
-            shards
-            if p == 0
-            else [shards[i] for i in _rng(cfg.seed, plan.epoch, reader, si, p).permutation(len(shards))]
-        )
-        rng = _rng(cfg.seed, plan.epoch, reader, si, p, 1)
-        buffer: list[Example] = []
-        produced = 0
-        for key, fbank, meta in _clips(s, order, bad):
-            qa = meta["qa"]
-            picks = range(len(qa))
-            if cfg.examples_per_clip and len(qa) > cfg.examples_per_clip:
-                picks = sorted(rng.choice(len(qa), cfg.examples_per_clip, replace=False).tolist())
-            for j in picks:
-                example = Example(f"{key}#{j}", fbank, qa[j])
-                produced += 1
-                if len(buffer) < cfg.shuffle_buffer:
-                    buffer.append(example)
-                    continue
-                i = int(rng.integers(len(buffer)))
-                buffer[i], example = example, buffer[i]
-                yield example
-        for i in rng.permutation(len(buffer)):
-            yield buffer[i]
-        if produced == 0:
-            raise StreamError(f"{s.root}: reader {reader} found no readable samples in its shards")
+    def _fd(self, si: int, shard: int) -> int:
+        key = (si, shard)
+        if key not in self.files:
+            path = os.path.join(self.sets[si].root, self.sets[si].shards[shard]["file"])
+            self.files[key] = os.open(path, os.O_RDONLY)
+            if len(self.files) > 2 * self.cfg.lanes * len(self.sets):
+                os.close(self.files.popitem(last=False)[1])
+        self.files.move_to_end(key)
+        return self.files[key]
 
+    def _clip(self, si: int, shard: int, sample: int):
+        key = (si, shard, sample)
+        if key in self.clips:
+            self.clips.move_to_end(key)
+            return self.clips[key]
+        index = self.index(si, shard)
+        start, end = int(index.offsets[sample]), int(index.offsets[sample + 1])
+        where = self._where(si, shard)
+        try:
+            data = os.pread(self._fd(si, shard), end - start, start)
+        except OSError as err:
+            raise ShardError(f"{where}: sample {sample}: {err}") from err
+        if index.crc32 is not None and zlib.crc32(data) != int(index.crc32[sample]):
+            try:
+                name, _ = sample_index.split_members(data, where)
+            except SampleIndexError:
+                name = f"#{sample}"
+            raise ShardError(
+                f"{where}: sample {name!r} (#{sample}, bytes {start}..{end}): checksum mismatch, "
+                "its bytes changed since conversion"
+            )
+        try:
+            name, members = sample_index.split_members(data, f"{where}: sample #{sample}")
+        except SampleIndexError as err:
+            raise ShardError(str(err)) from None
+        clip = decode_sample(name, members, where)
+        self.clips[key] = clip
+        if len(self.clips) > self.keep_clips:
+            self.clips.popitem(last=False)
+        return clip
 
-def _mixed(plan: EpochPlan, reader: int, bad: _BadSamples):
-    streams = [_examples(plan, reader, si, bad) for si in range(len(plan.sets))]
-    if len(streams) == 1:
-        for _ in range(plan.quota):
-            yield next(streams[0])
-        return
-    weights = np.array([s.weight for s in plan.sets])
-    choices = _rng(plan.cfg.seed, plan.epoch, reader, 1 << 20).choice(
-        len(streams), plan.quota, p=weights / weights.sum()
-    )
-    for c in choices:
-        yield next(streams[c])
+    def example(self, ref: Ref) -> Example | None:
+        try:
+            clip = self._clip(ref.set, ref.shard, ref.sample)
+        except ShardError as err:
+            if self.cfg.on_bad_sample == "fail":
+                raise
+            self.bad += 1
+            log.warning("skipping bad sample: %s", err)
+            return None
+        qa = clip.meta["qa"]
+        j = self._picks(ref, len(qa))[ref.k]
+        return Example(f"{self._where(ref.set, ref.shard)}/{clip.key}#{j}", clip.fbank, qa[j])
 
-
-def _batches(plan: EpochPlan, reader: int, examples, length):
-    """Length-bucketed micro-batches: sort each window by length, cut, shuffle the cuts."""
-    cfg = plan.cfg
-    window = cfg.micro_batch * cfg.bucket_batches
-    rng = _rng(cfg.seed, plan.epoch, reader, 1 << 21)
-    pending: list[Example] = []
-
-    def flush():
-        ordered = sorted(pending, key=length) if cfg.bucket_batches > 1 else pending
-        cuts = [ordered[i : i + cfg.micro_batch] for i in range(0, len(ordered), cfg.micro_batch)]
-        for i in rng.permutation(len(cuts)) if cfg.bucket_batches > 1 else range(len(cuts)):
-            yield cuts[i]
-
-    for example in examples:
-        pending.append(example)
-        if len(pending) == window:
-            yield from flush()
-            pending = []
-    if pending:
-        yield from flush()
+    def close(self) -> None:
+        for fd in self.files.values():
+            os.close(fd)
+        self.files.clear()
 
 
 class TrainStream(IterableDataset):
@@ -284,13 +287,20 @@ class TrainStream(IterableDataset):
         self.loader_workers = num_workers  # 0: batches are made in the training process
         self.num_workers = max(1, num_workers)  # readers per rank
         self.epoch, self.skip = 0, 0
-        self.plan(0)  # fail now, before any process group or worker starts, if it cannot run
+        plan = self.plan(0)  # fail now, before any process group or worker starts, if it cannot run
+        try:
+            self.accumulation = plan.accumulation(world_size)
+        except PlanError as err:
+            raise StreamError(str(err)) from None
 
     def plan(self, epoch: int) -> EpochPlan:
-        return EpochPlan(self.sets, self.cfg, epoch, self.world_size, self.num_workers)
+        try:
+            return EpochPlan(self.sets, self.cfg, epoch)
+        except PlanError as err:
+            raise StreamError(str(err)) from None
 
     def digest(self) -> str:
-        """What decides the batches besides epoch, world size and workers."""
+        """What decides the global order besides the epoch (not the world size or workers)."""
         what = [
             asdict(self.cfg),
             [(st.root, st.weight, [e["sha256"] for e in st.shards]) for st in self.sets],
@@ -299,7 +309,13 @@ class TrainStream(IterableDataset):
         return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
     def __len__(self) -> int:
-        return self.plan(self.epoch).rank_batches
+        return self.batches_in(self.plan(self.epoch))
+
+    def batches_in(self, plan: EpochPlan) -> int:
+        g = plan.global_batches
+        if self.cfg.cover_all:
+            g = -(-plan.examples // self.cfg.global_batch)
+        return g * self.accumulation
 
     def __iter__(self):
         info = get_worker_info()
@@ -311,20 +327,47 @@ class TrainStream(IterableDataset):
                 "this stream was planned for DataLoader workers; iterate it through StreamLoader"
             )
         plan = self.plan(self.epoch)
-        reader = self.rank * self.num_workers + worker
-        n = plan.worker_batches(worker)
-        skip = len(range(worker, self.skip, self.num_workers))
-        bad = _BadSamples(self.cfg.on_bad_sample)
-        length = self.collator.length
-        for i, batch in enumerate(_batches(plan, reader, _mixed(plan, reader, bad), length)):
-            if i >= n:
-                return
-            if i < skip:  # consumed before the checkpoint: replayed, not collated
-                continue
-            out = self.collator(batch)
-            out["keys"] = [e.key for e in batch]
-            out["bad_samples"] = bad.new()
-            yield out
+        reader = Reader(self.sets, self.cfg, self.epoch)
+        first = self.skip + (worker - self.skip) % self.num_workers
+        cached: dict[int, list] = {}
+        reported = 0
+        try:
+            for k in range(first, self.batches_in(plan), self.num_workers):
+                g, j = EpochPlan.rank_slot(k, self.rank, self.world_size, self.accumulation)
+                if g not in cached:
+                    cached.clear()
+                    cached[g] = self._micro_batches(plan, g, reader)
+                batch = self._read(cached[g][j], reader, plan, g, j)
+                out = self.collator(batch)
+                out["keys"] = [e.key for e in batch if e.key != PADDING]
+                out["bad_samples"], reported = reader.bad - reported, reader.bad
+                yield out
+        finally:
+            reader.close()
+
+    def _micro_batches(self, plan: EpochPlan, g: int, reader: Reader) -> list[list]:
+        if not self.cfg.cover_all:
+            return plan.micro_batches(g, reader.qa_bytes)
+        size = self.cfg.global_batch
+        start = g * size
+        refs = plan.refs(start, min(start + size, plan.examples))
+        refs += [None] * (size - len(refs))  # past the last example: padding
+        m = self.cfg.micro_batch
+        return [refs[i : i + m] for i in range(0, size, m)]
+
+    def _read(self, refs: list, reader: Reader, plan: EpochPlan, g: int, j: int) -> list[Example]:
+        batch = [e for e in (reader.example(r) for r in refs if r is not None) if e is not None]
+        pads = sum(r is None for r in refs)
+        if pads:  # eval's last global batch: rows that take part in the forward but count nothing
+            filler = batch[0] if batch else reader.example(plan.refs(0, 1)[0])
+            if filler is not None:
+                ids, _ = self.collator.tokenize(filler.qa)
+                batch += [Example(PADDING, filler.fbank, filler.qa, (ids, [IGNORE] * len(ids)))] * pads
+        if not batch:
+            raise StreamError(
+                f"epoch {self.epoch}, global batch {g}, micro-batch {j}: every example is a bad sample"
+            )
+        return batch
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -361,13 +404,20 @@ class StreamLoader:
         self.stream = stream
         self.start_method = start_method
         self.consumed = 0
+        self.length = len(stream)  # batches per epoch, the same in every epoch
 
     def __len__(self) -> int:
         return len(self.stream)
 
     def batches_in_epoch(self, epoch: int) -> int:
-        """Batches per rank in `epoch`: epochs differ a little when shards differ in size."""
-        return self.stream.plan(epoch).rank_batches
+        """Batches per rank in `epoch` (the same in every epoch: the plan's size is fixed)."""
+        return self.stream.batches_in(self.stream.plan(epoch))
+
+    def epoch_counts(self, epoch: int) -> dict:
+        """Examples in an epoch, trained on (before bad samples), left over; world-size free."""
+        plan = self.stream.plan(epoch)
+        trained = plan.global_batches * self.stream.cfg.global_batch
+        return {"epoch_examples": plan.examples, "epoch_trained": trained, "epoch_left_over": plan.left_over}
 
     def __iter__(self):
         stream = self.stream
@@ -398,6 +448,11 @@ class StreamLoader:
     def epoch(self) -> int:
         return self.stream.epoch
 
+    @property
+    def at_epoch_end(self) -> bool:
+        """True once the epoch's last batch has been handed out (and until the next starts)."""
+        return self.consumed == self.length
+
     def state_dict(self) -> dict:
         s = self.stream
         epoch, batches = s.epoch, self.consumed
@@ -405,31 +460,30 @@ class StreamLoader:
             epoch, batches = epoch + 1, 0
         return {
             "epoch": epoch,
-            "batches": batches,
+            "batches": batches,  # this rank's, exact on the same world size
+            "global_batches": batches // s.accumulation,  # whole global batches: any world size
             "world_size": s.world_size,
-            "num_workers": s.loader_workers,
+            "accumulation": s.accumulation,
             "seed": s.cfg.seed,
             "digest": s.digest(),
         }
 
     def load_state_dict(self, state: dict) -> str | None:
-        """Continue from `state`; returns a note when it cannot be exact."""
+        """Continue from `state`; returns a note when it cannot continue at the same example."""
         s = self.stream
-        same = (state["world_size"], state["num_workers"], state["digest"]) == (
-            s.world_size,
-            s.loader_workers,
-            s.digest(),
-        )
-        if same and state["batches"] < len(s):
-            s.epoch, self.consumed = state["epoch"], state["batches"]
-            return None
-        s.epoch = state["epoch"] + (1 if state["batches"] else 0)
-        self.consumed = 0
-        if (state["world_size"], state["num_workers"]) != (s.world_size, s.loader_workers):
-            why = (
-                f"the checkpoint was taken with {state['world_size']} ranks x {state['num_workers']} "
-                f"workers, this run has {s.world_size} x {s.loader_workers}"
+        if state.get("digest") != s.digest() or "accumulation" not in state:
+            s.epoch = state["epoch"] + (1 if state["batches"] else 0)
+            self.consumed = 0
+            return (
+                "the stream's settings or shards changed since the checkpoint: "
+                f"resuming at the start of epoch {s.epoch}"
             )
-        else:
-            why = "the stream's settings or shards changed since the checkpoint"
-        return f"{why}: resuming at the start of epoch {s.epoch}"
+        s.epoch = state["epoch"]
+        if state["world_size"] == s.world_size:
+            self.consumed = state["batches"]
+            return None
+        self.consumed = state["global_batches"] * s.accumulation
+        if state["batches"] % state["accumulation"]:
+            g = state["global_batches"]
+            return f"the checkpoint was taken inside global batch {g}: resuming at its start"
+        return None

@@ -1,7 +1,9 @@
 """Writes samples into shard-NNNNNN.tar files, rolling over at a sample count or a size.
 
 Each shard is written to `<name>.tmp`, fsynced and renamed, so a shard file that exists is
-complete; its entry (counts, bytes, sha256) is then handed to a callback.
+complete; its sample index (offsets, CRC-32s, QA lengths: data/sample_index.py) is written
+beside it the same way, and its entry (counts, bytes, sha256, the sample index) is then handed
+to a callback.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import tarfile
 
 import webdataset as wds
 
+from . import sample_index
 from .shards import SHARD_FIELDS, sha256_file, shard_name
 
 
@@ -54,6 +57,8 @@ class ShardWriter:
         size, digest = os.path.getsize(final), sha256_file(final)
         values = (os.path.basename(final), self.samples, self.qa_pairs, size, digest, self.qa_per_sample)
         entry = dict(zip(SHARD_FIELDS, values, strict=True))
+        name = sample_index.write(final, sample_index.scan(final, checksums=True))
+        entry["sample_index"] = {"file": name, "sha256": sha256_file(os.path.join(self.out, name))}
         self.on_shard(entry, next_clip)
         self.writer = self.file = None
         self.samples = self.qa_pairs = self.size = 0

@@ -22,14 +22,14 @@ import torch.distributed as dist
 from .. import __version__
 from ..config import Recipe, load_recipe
 from ..data.collate import Collator
-from ..data.stream import StreamConfig, StreamLoader, TrainStream, open_sets
+from ..data.stream import StreamLoader, TrainStream, open_sets
 from ..data.tokenizer import load_tokenizer
 from ..model.build import build_model
 from . import checkpoint
 from .engine import initialize
 from .export import load_init
 from .metrics import Metrics, device_peak_flops, flops_per_sample, flops_per_token
-from .preflight import RUN_FILE, preflight
+from .preflight import RUN_FILE, eval_stream_config, preflight, stream_config
 
 log = logging.getLogger("gama_ds.train")
 MODEL_INPUTS = ("fbank", "input_ids", "attention_mask", "labels", "has_audio")
@@ -79,6 +79,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def sum_over_ranks(values: list[float], device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
 def mean_over_ranks(values: list[float], device) -> list[float]:
     # On the engine's device: NCCL, the GPU backend, reduces CUDA tensors only.
     t = torch.tensor(values, dtype=torch.float64, device=device)
@@ -118,7 +125,7 @@ class StopSignal:
 
 
 def evaluate(engine, loader, device) -> float:
-    """Held-out loss per supervised token, over the same examples every time (epoch 0)."""
+    """Held-out loss per supervised token over every held-out example, on any world size."""
     engine.eval()
     loader.stream.epoch, loader.consumed = 0, 0
     total = torch.zeros(2, dtype=torch.float64, device=device)
@@ -127,7 +134,10 @@ def evaluate(engine, loader, device) -> float:
             inputs = {k: batch[k].to(device) for k in MODEL_INPUTS}
             out = engine(**inputs)
             n = (inputs["labels"][:, 1:] != -100).sum()
-            total += torch.stack([out.loss.double() * n, n.double()])
+            # A micro-batch of padding only (the last global batch on many ranks) has no tokens
+            # and a NaN loss: it counts for nothing.
+            loss = torch.where(n > 0, out.loss.double(), torch.zeros((), dtype=torch.float64, device=device))
+            total += torch.stack([loss * n, n.double()])
     engine.train()
     if dist.is_initialized():
         dist.all_reduce(total)
@@ -211,25 +221,18 @@ def train(recipe_path: str, overrides: list[str] = (), resume: str | None = None
         load_init(model, recipe.train.init)  # a gama-ds export, or a reference checkpoint
         log.info("initialised from %s", recipe.train.init)
 
-    # -- 3. the data: a stream per rank, equal batch counts by construction
+    # -- 3. the data: one global order of examples, each rank its micro-batches of every global batch
     d = recipe.data
     collator = Collator(tokenizer, d.cutoff_len, d.template, d.train_on_inputs)
-    stream_cfg = StreamConfig(
-        micro_batch=recipe.train.micro_batch_size,
-        seed=recipe.train.seed,
-        shuffle_buffer=d.shuffle_buffer,
-        examples_per_clip=d.examples_per_clip,
-        bucket_batches=d.bucket_batches,
-        on_bad_sample=d.on_bad_sample,
-        batch_multiple=plan.accumulation,
-    )
     sets = open_sets([(s.path, s.weight) for s in d.train])
-    loader = StreamLoader(TrainStream(sets, stream_cfg, collator, rank, world, d.num_workers), d.start_method)
+    stream = TrainStream(sets, stream_config(recipe), collator, rank, world, d.num_workers)
+    loader = StreamLoader(stream, d.start_method)
     eval_loader = None
     if d.eval:
-        eval_cfg = StreamConfig(micro_batch=recipe.train.micro_batch_size, seed=0, bucket_batches=1)
         eval_sets = open_sets([(s.path, s.weight) for s in d.eval])
-        eval_loader = StreamLoader(TrainStream(eval_sets, eval_cfg, collator, rank, world, 0))
+        eval_loader = StreamLoader(
+            TrainStream(eval_sets, eval_stream_config(recipe, world), collator, rank, world, 0)
+        )
     epoch_steps = [loader.batches_in_epoch(e) // plan.accumulation for e in range(recipe.train.epochs)]
     total_steps = recipe.train.max_steps or sum(epoch_steps)
 
@@ -283,7 +286,7 @@ def train(recipe_path: str, overrides: list[str] = (), resume: str | None = None
     bar = tqdm(total=total_steps, initial=step, unit="step", disable=not is_main, dynamic_ncols=True)
     loss_sum, window_batches, micro = torch.zeros((), device=device), 0, 0
     tokens, samples, pads, tick = 0, 0, [], time.perf_counter()
-    last_saved, stopped, done = step, None, step >= total_steps
+    last_saved, stopped, done, bad_samples = step, None, step >= total_steps, 0
 
     def save(at: int) -> None:
         client = {"step": at, "stream": loader.state_dict(), "recipe_hash": digest}
@@ -300,11 +303,19 @@ def train(recipe_path: str, overrides: list[str] = (), resume: str | None = None
             micro += 1
             tokens += int(batch["text_tokens"]) + audio_tokens * len(batch["keys"])
             samples += len(batch["keys"])
+            bad_samples += int(batch["bad_samples"])
             pads.append(float(batch["pad_fraction"]))
             if micro % plan.accumulation:
                 continue
             step += 1  # an optimizer step happened
             bar.update(1)
+            if loader.at_epoch_end:
+                # A whole epoch: what it held, what was trained on, what was left over.
+                bad = int(sum_over_ranks([float(bad_samples)], device)[0])
+                counts = loader.epoch_counts(loader.epoch)
+                counts["epoch_trained"] -= bad
+                metrics.log({"step": step, "epoch": loader.epoch, **counts, "bad_samples": bad})
+                bad_samples = 0
             if step % recipe.logging.every_steps == 0 or step == total_steps:
                 elapsed = time.perf_counter() - tick
                 loss, tok_s, smp_s = mean_over_ranks(

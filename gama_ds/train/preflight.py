@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from ..config import ConfigError, Recipe
+from ..data.plan import EpochPlan, PlanError
 from ..data.shards import ShardError
-from ..data.stream import EpochPlan, StreamConfig, StreamError, open_sets
+from ..data.stream import StreamConfig, StreamError, open_sets
 from ..data.tokenizer import BYTES
 from ..model.llm import PRESETS, choose_attention, is_preset
 from .checkpoint import complete_tags
@@ -67,11 +68,11 @@ def check_llm_shapes(recipe: Recipe) -> None:
         )
 
 
-def check_shards(recipe: Recipe, world_size: int, accumulation: int) -> None:
+def check_shards(recipe: Recipe, world_size: int) -> None:
     d = recipe.data
     if not d.train:
         raise ConfigError("data.train lists no shard sets; e.g. 'data.train=[{path: shards/train}]'")
-    for sources, workers, what in ((d.train, d.num_workers, "data.train"), (d.eval, 0, "data.eval")):
+    for sources, what in ((d.train, "data.train"), (d.eval, "data.eval")):
         if not sources:
             continue
         for source in sources:
@@ -79,14 +80,35 @@ def check_shards(recipe: Recipe, world_size: int, accumulation: int) -> None:
                 raise ConfigError(f"{what}: {source.path} is not a directory")
         try:
             sets = open_sets([(s.path, s.weight) for s in sources])
-            cfg = StreamConfig(
-                micro_batch=recipe.train.micro_batch_size,
-                examples_per_clip=d.examples_per_clip,
-                batch_multiple=accumulation if what == "data.train" else 1,
-            )
-            EpochPlan(sets, cfg, 0, world_size, max(1, workers))
-        except (StreamError, ShardError) as err:
+            if what == "data.train":
+                cfg = stream_config(recipe)
+            else:
+                cfg = eval_stream_config(recipe, world_size)
+            EpochPlan(sets, cfg, 0).accumulation(world_size)
+        except (StreamError, ShardError, PlanError) as err:
             raise ConfigError(f"{what}: {err}") from None
+
+
+def stream_config(recipe: Recipe) -> StreamConfig:
+    """The training stream's settings, from the recipe: the same on every world size."""
+    d = recipe.data
+    return StreamConfig(
+        micro_batch=recipe.train.micro_batch_size,
+        global_batch=recipe.train.global_batch_size,
+        seed=recipe.train.seed,
+        shuffle_buffer=d.shuffle_buffer,
+        examples_per_clip=d.examples_per_clip,
+        bucket_batches=d.bucket_batches,
+        on_bad_sample=d.on_bad_sample,
+    )
+
+
+def eval_stream_config(recipe: Recipe, world_size: int) -> StreamConfig:
+    """The held-out stream: every example once, in a fixed order, on any world size."""
+    micro = recipe.train.micro_batch_size
+    return StreamConfig(
+        micro_batch=micro, global_batch=micro * world_size, seed=0, bucket_batches=1, cover_all=True
+    )
 
 
 def check_output_dir(recipe: Recipe, resume: str | None, recipe_hash: str) -> None:
@@ -133,7 +155,7 @@ def preflight(recipe: Recipe, world_size: int, resume: str | None, recipe_hash: 
         )
     if tokenizer != BYTES and not os.path.isdir(tokenizer):
         raise ConfigError(f"data.tokenizer {tokenizer} is not a folder (or 'bytes')")
-    check_shards(recipe, world_size, accumulation)
+    check_shards(recipe, world_size)
     check_output_dir(recipe, resume, recipe_hash)
     ds_config = resolve_ds_config(recipe, world_size)
     return Plan(precision, accumulation, source, tokenizer, ds_config)
