@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..audio import NUM_MEL_BINS, PAD_VALUE, TARGET_FRAMES, pad_features
+from ..errors import GamaDsError
 
 IGNORE = -100
 TEMPLATES = {
@@ -51,7 +52,7 @@ def ensure_pad_token(tokenizer) -> None:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
     if tokenizer.pad_token is None:
-        raise ValueError("the tokenizer has no pad, unk or eos token to pad with")
+        raise GamaDsError("the tokenizer has no pad, unk or eos token to pad with; give one that has")
 
 
 class Collator:
@@ -64,7 +65,7 @@ class Collator:
         add_eos: bool = True,
     ):
         if template not in TEMPLATES:
-            raise ValueError(f"unknown prompt template {template!r}; known: {', '.join(TEMPLATES)}")
+            raise GamaDsError(f"unknown prompt template {template!r}; known: {', '.join(TEMPLATES)}")
         ensure_pad_token(tokenizer)
         self.tokenizer = tokenizer
         self.cutoff_len = cutoff_len

@@ -38,14 +38,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..config import DataConfig, choices
+from ..errors import GamaDsError
 from .collate import Collator, Example
 from .shards import ShardError, decode_sample, iter_members, read_index
 
 log = logging.getLogger(__name__)
-BAD_SAMPLE_POLICIES = ("fail", "skip")
+BAD_SAMPLE_POLICIES = choices(DataConfig, "on_bad_sample")
 
 
-class StreamError(ValueError):
+class StreamError(GamaDsError, ValueError):
     """A stream that cannot run as configured; the message says what to change."""
 
 
