@@ -163,7 +163,8 @@ def _add_estimate(sub) -> None:
 
 def _estimate(args) -> int:
     from .config import load_recipe
-    from .model.estimate import build_on_meta, estimate
+    from .model.estimate import build_on_meta
+    from .train.memory import estimate
 
     recipe = load_recipe(args.recipe, args.overrides)
     model = build_on_meta(recipe.model)
