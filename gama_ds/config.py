@@ -161,7 +161,7 @@ class TrainConfig:
 @dataclass
 class DeepSpeedSettings:
     zero_stage: Literal[2, 3] = 2  # 2: shard optimizer state and gradients; 3: also the (frozen) LLM
-    config: str | None = None  # a DeepSpeed JSON; default ds_configs/zero<stage>.json
+    config: str | None = None  # a DeepSpeed JSON; default gama_ds/ds_configs/zero<stage>.json
     offload: bool = False  # ZeRO-3 with optimizer and parameters in CPU memory (zero3_offload.json)
     param_persistence_threshold: int = 100_000  # ZeRO-3 keeps smaller tensors whole on every rank
 
