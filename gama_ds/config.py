@@ -18,6 +18,7 @@ from typing import Literal
 
 import yaml
 
+from .data.prompts import TEMPLATES
 from .errors import GamaDsError
 
 RECIPES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
@@ -121,7 +122,7 @@ class DataConfig:
     eval: tuple[ShardSource, ...] = ()  # held-out shard sets for the periodic eval loss
     cutoff_len: int = 108  # text tokens per QA pair after truncation (the reference's cutoff)
     tokenizer: str | None = None  # an HF tokenizer folder, or "bytes"; default: model.llm's folder
-    template: str = "alpaca_short"  # the prompt template
+    template: Literal[tuple(TEMPLATES)] = "alpaca_short"  # the prompt template (data/prompts.py)
     train_on_inputs: bool = True  # supervise the prompt too, as the reference does
     num_workers: int = 2  # DataLoader workers per rank (0: batches made in the training process)
     # How DataLoader workers start: spawn | forkserver. Not fork (the parent holds thread pools);

@@ -134,7 +134,7 @@ def synthesize(out: str, clips: int = 200, test_clips: int = 40, seed: int = 0) 
 
 def write_tokenizer(folder: str) -> None:
     """Every word the set's prompts and answers can contain, in the training template."""
-    from .data.collate import TEMPLATES
+    from .data.prompts import TEMPLATES
     from .data.tokenizer import word_tokenizer
 
     texts = [form for forms in TEMPLATES.values() for form in forms.values()]

@@ -16,14 +16,9 @@ import torch
 
 from ..audio import NUM_MEL_BINS, PAD_VALUE, TARGET_FRAMES, pad_features
 from ..errors import GamaDsError
+from .prompts import TEMPLATES, prompt_text
 
 IGNORE = -100
-TEMPLATES = {
-    "alpaca_short": {
-        "with_input": "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
-        "no_input": "### Instruction:\n{instruction}\n\n### Response:\n",
-    },
-}
 
 
 @dataclass
@@ -34,12 +29,6 @@ class Example:
     fbank: np.ndarray | None  # float16 [n_frames, 128], unpadded
     qa: dict
     tokens: tuple[list[int], list[int]] | None = None  # (input_ids, labels), once tokenised
-
-
-def prompt_text(qa: dict, template: str = "alpaca_short") -> str:
-    parts = TEMPLATES[template]
-    form = parts["with_input"] if qa.get("input") else parts["no_input"]
-    return form.format(instruction=qa["instruction"], input=qa.get("input", ""))
 
 
 def ensure_pad_token(tokenizer) -> None:
@@ -64,7 +53,7 @@ class Collator:
         train_on_inputs: bool = True,
         add_eos: bool = True,
     ):
-        if template not in TEMPLATES:
+        if template not in TEMPLATES:  # a recipe's is checked on loading; an export's is checked here
             raise GamaDsError(f"unknown prompt template {template!r}; known: {', '.join(TEMPLATES)}")
         ensure_pad_token(tokenizer)
         self.tokenizer = tokenizer
