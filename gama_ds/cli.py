@@ -248,11 +248,10 @@ def _add_generate(sub) -> None:
 def _generate(args) -> int:
     from .data.formats import read_inputs
     from .infer import generate
-    from .train.export import load_export
 
     if bool(args.audio) == bool(args.input) or bool(args.audio) != bool(args.question):
         raise UsageError("give either --audio FILE --question TEXT, or --input JSON")
-    model, tokenizer, info = load_export(args.model)
+    model, tokenizer, info = _load_export(args.model)
     if args.audio:
         rows = [({"audio": args.audio}, args.audio, {"instruction": args.question, "input": ""})]
     else:
@@ -289,6 +288,14 @@ def _generate(args) -> int:
     return 0
 
 
+def _load_export(path: str):
+    from .train.export import is_export, load_export
+
+    if not is_export(path):
+        raise UsageError(f"--model {path} is not a gama-ds export (made by `gama-ds export RUN --out DIR`)")
+    return load_export(path)
+
+
 def _add_eval(sub) -> None:
     from .infer import METRICS
 
@@ -320,7 +327,6 @@ def _add_eval(sub) -> None:
 def _eval(args) -> int:
     from .infer import TextEmbedder, evaluate
     from .report import report_table
-    from .train.export import load_export
 
     if (args.embedder or args.labels) and "classify" not in args.metric:
         raise UsageError("--embedder and --labels belong to --metric classify")
@@ -333,8 +339,10 @@ def _eval(args) -> int:
             raise UsageError(f"{args.labels}: cannot read the labels file: {err.strerror}") from None
         if not labels:
             raise UsageError(f"{args.labels}: no labels (one per line)")
+    if args.embedder and not os.path.isdir(args.embedder):
+        raise UsageError(f"--embedder {args.embedder} is not a folder (an HF text-encoder folder)")
     embedder = TextEmbedder(args.embedder) if args.embedder else None
-    model, tokenizer, info = load_export(args.model)
+    model, tokenizer, info = _load_export(args.model)
     prompt = info["prompt"]
     result = evaluate(
         model,

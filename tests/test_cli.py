@@ -123,3 +123,9 @@ def test_every_project_error_derives_from_the_base():
                 found[name] = cls
     assert {"ConfigError", "ShardError", "StreamError", "ConvertError", "InputError"} <= set(found)
     assert [name for name, cls in found.items() if not issubclass(cls, GamaDsError)] == []
+
+
+@pytest.mark.parametrize("command", ["generate --audio x.wav --question q", "eval --shards s"])
+def test_a_folder_that_is_not_an_export_is_named(tmp_path, capsys, command):
+    assert main([*command.split(), "--model", str(tmp_path)]) == 2
+    assert f"--model {tmp_path} is not a gama-ds export" in capsys.readouterr().err
