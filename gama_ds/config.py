@@ -125,7 +125,7 @@ class DataConfig:
     template: Literal[tuple(TEMPLATES)] = "alpaca_short"  # the prompt template (data/prompts.py)
     train_on_inputs: bool = True  # supervise the prompt too, as the reference does
     num_workers: int = 2  # DataLoader workers per rank (0: batches made in the training process)
-    # How DataLoader workers start: spawn | forkserver. Not fork (the parent holds thread pools);
+    # How DataLoader workers start. Not fork (the parent holds thread pools);
     # spawn by default, as forkserver's workers die with a preemption's SIGTERM to the group.
     start_method: Literal["spawn", "forkserver"] = "spawn"
     shuffle_buffer: int = 1000  # examples held for shuffling, per worker and shard set
