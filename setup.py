@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["gama_ds", "gama_ds.*"]),
-    package_data={"gama_ds": ["recipes/*.yaml"]},
+    package_data={"gama_ds": ["recipes/*.yaml", "ds_configs/*.json"]},
     # Pinned to a set that installs and imports together (see README). torch and
     # torchaudio are a matching pair; a local build such as 2.11.0+cu126 satisfies the pin.
     install_requires=[

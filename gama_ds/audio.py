@@ -20,6 +20,8 @@ from functools import lru_cache
 import numpy as np
 import soundfile
 
+from .errors import GamaDsError, UsageError
+
 SAMPLE_RATE = 16000
 NUM_MEL_BINS = 128
 FRAME_LENGTH = 400  # samples: 25 ms at 16 kHz
@@ -57,7 +59,7 @@ RECIPE = {
 }
 
 
-class AudioError(ValueError):
+class AudioError(GamaDsError, ValueError):
     """A clip that cannot become features; `reason` is one of the reject reasons."""
 
     def __init__(self, reason: str, detail: str):
@@ -112,9 +114,9 @@ def resolve_backend(name: str = "auto") -> str:
     if name == "auto":
         return "torchaudio" if torchaudio_importable() else "transformers"
     if name not in BACKENDS:
-        raise ValueError(f"unknown feature backend {name!r}; choose auto, {', '.join(BACKENDS)}")
+        raise UsageError(f"unknown feature backend {name!r}; choose auto, {', '.join(BACKENDS)}")
     if name == "torchaudio" and not torchaudio_importable():
-        raise ValueError("feature backend 'torchaudio' requested but torchaudio does not import")
+        raise UsageError("feature backend 'torchaudio' requested but torchaudio does not import")
     return name
 
 

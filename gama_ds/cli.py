@@ -9,6 +9,7 @@ import re
 import sys
 
 from . import __version__
+from .errors import GamaDsError, UsageError
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
@@ -33,7 +34,8 @@ def _positive_int(text: str) -> int:
 
 
 def _add_convert(sub) -> None:
-    from .data.convert import ConvertOptions
+    from .audio import BACKENDS
+    from .data.convert import ORDERS, ConvertOptions
 
     d = ConvertOptions()
     p = sub.add_parser("convert", help="JSON/JSONL QA records -> tar shards of fbank features")
@@ -53,13 +55,13 @@ def _add_convert(sub) -> None:
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the clip order (default 0)")
     p.add_argument(
         "--order",
-        choices=("shuffle", "input"),
+        choices=ORDERS,
         default=d.order,
         help="shuffle: sorted then seeded shuffle (default); input: first-seen order",
     )
     p.add_argument(
         "--backend",
-        choices=("auto", "torchaudio", "transformers"),
+        choices=("auto", *BACKENDS),
         default=d.backend,
         help="fbank implementation (auto: torchaudio when it imports)",
     )
@@ -161,7 +163,8 @@ def _add_estimate(sub) -> None:
 
 def _estimate(args) -> int:
     from .config import load_recipe
-    from .model.estimate import build_on_meta, estimate
+    from .model.estimate import build_on_meta
+    from .train.memory import estimate
 
     recipe = load_recipe(args.recipe, args.overrides)
     model = build_on_meta(recipe.model)
@@ -245,11 +248,10 @@ def _add_generate(sub) -> None:
 def _generate(args) -> int:
     from .data.formats import read_inputs
     from .infer import generate
-    from .train.export import load_export
 
     if bool(args.audio) == bool(args.input) or bool(args.audio) != bool(args.question):
-        raise ValueError("give either --audio FILE --question TEXT, or --input JSON")
-    model, tokenizer, info = load_export(args.model)
+        raise UsageError("give either --audio FILE --question TEXT, or --input JSON")
+    model, tokenizer, info = _load_export(args.model)
     if args.audio:
         rows = [({"audio": args.audio}, args.audio, {"instruction": args.question, "input": ""})]
     else:
@@ -286,6 +288,14 @@ def _generate(args) -> int:
     return 0
 
 
+def _load_export(path: str):
+    from .train.export import is_export, load_export
+
+    if not is_export(path):
+        raise UsageError(f"--model {path} is not a gama-ds export (made by `gama-ds export RUN --out DIR`)")
+    return load_export(path)
+
+
 def _add_eval(sub) -> None:
     from .infer import METRICS
 
@@ -316,21 +326,23 @@ def _add_eval(sub) -> None:
 
 def _eval(args) -> int:
     from .infer import TextEmbedder, evaluate
-    from .train.export import load_export
+    from .report import report_table
 
     if (args.embedder or args.labels) and "classify" not in args.metric:
-        raise ValueError("--embedder and --labels belong to --metric classify")
+        raise UsageError("--embedder and --labels belong to --metric classify")
     labels = None
     if args.labels:
         try:
             with open(args.labels, encoding="utf-8") as f:
                 labels = [line.strip() for line in f if line.strip()]
         except OSError as err:
-            raise ValueError(f"{args.labels}: cannot read the labels file: {err.strerror}") from None
+            raise UsageError(f"{args.labels}: cannot read the labels file: {err.strerror}") from None
         if not labels:
-            raise ValueError(f"{args.labels}: no labels (one per line)")
+            raise UsageError(f"{args.labels}: no labels (one per line)")
+    if args.embedder and not os.path.isdir(args.embedder):
+        raise UsageError(f"--embedder {args.embedder} is not a folder (an HF text-encoder folder)")
     embedder = TextEmbedder(args.embedder) if args.embedder else None
-    model, tokenizer, info = load_export(args.model)
+    model, tokenizer, info = _load_export(args.model)
     prompt = info["prompt"]
     result = evaluate(
         model,
@@ -350,25 +362,6 @@ def _eval(args) -> int:
     else:
         print(report_table(result))
     return 0
-
-
-def report_table(result: dict) -> str:
-    lines = [f"{result['examples']} QA pairs"]
-    if "loss" in result:
-        lines[0] += f": loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}"
-    columns = [("exact match", result.get("exact_match_by_task"))]
-    columns.append((f"classified ({result.get('classify_by')})", result.get("classify_by_task")))
-    columns = [(name, col) for name, col in columns if col is not None]
-    if columns:
-        tasks = sorted(set().union(*(col for _, col in columns)))
-        lines.append(f"  {'task':<12}" + "".join(f"{name:>24}" for name, _ in columns))
-        for task in tasks:
-            lines.append(f"  {task:<12}" + "".join(f"{100 * col[task]:>23.1f}%" for _, col in columns))
-        if "exact_match" in result:
-            lines.append(f"  {'all':<12}{100 * result['exact_match']:>23.1f}%")
-    for s in result.get("samples", []):
-        lines.append(f"  Q: {s['question']}  A: {s['answer']!r}  (reference: {s['reference']!r})")
-    return "\n".join(lines)
 
 
 def _add_synth(sub) -> None:
@@ -417,7 +410,7 @@ def _demo(args) -> int:
     from .demo import run_demo
 
     if not 0.0 <= args.min_accuracy <= 1.0:
-        raise ValueError(f"--min-accuracy must be within [0, 1], got {args.min_accuracy}")
+        raise UsageError(f"--min-accuracy must be within [0, 1], got {args.min_accuracy}")
     result = run_demo(
         args.out,
         args.clips,
@@ -453,13 +446,10 @@ def main(argv: list[str] | None = None) -> int:
     for add, _ in COMMANDS.values():
         add(sub)
     args = parser.parse_args(argv)
-    from .config import ConfigError
-    from .data.convert import ConvertError
-    from .data.formats import InputError
-    from .data.shards import ShardError
-
     try:
         return COMMANDS[args.command][1](args)
-    except (ConfigError, ConvertError, InputError, ShardError, ValueError) as err:
+    except GamaDsError as err:
+        # What the user gave is wrong and the message says what: no traceback. Anything else
+        # is a bug (ours or a library's) and propagates with its traceback, exit code 1.
         print(f"gama-ds {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return err.exit_code

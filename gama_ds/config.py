@@ -2,7 +2,9 @@
 
 A recipe is a YAML file whose sections map onto these dataclasses; `key=value` overrides
 (dotted, e.g. `model.lora.r=16`) apply on top. Unknown keys and values of the wrong type are
-errors that name the key, before anything is built.
+errors that name the key, before anything is built. A field with a fixed set of values is a
+`Literal`: that annotation is the one list of its choices, which loading and `check` enforce
+and which the modules that act on the value read through `choices()`.
 """
 
 from __future__ import annotations
@@ -12,14 +14,32 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field
+from typing import Literal
 
 import yaml
+
+from .data.prompts import TEMPLATES
+from .errors import GamaDsError
 
 RECIPES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
 
 
-class ConfigError(ValueError):
+class ConfigError(GamaDsError, ValueError):
     """A recipe key or value that cannot be used; the message names the key."""
+
+
+GROUP_NAMES = ("llm", "lora", "audio_encoder", "aggregator", "qformer", "projections")
+# model.trainable: what each setting trains (model/weights.py applies it); LoRA trains whenever
+# there is LoRA. Its keys are the setting's choices.
+TRAINABLE_GROUPS = {
+    "proj": {"projections"},
+    "qformer": {"aggregator", "projections"},
+    "qformer_all": {"audio_encoder", "aggregator", "qformer", "projections"},
+    "all": {"audio_encoder", "aggregator", "projections"},  # LTU's "all": every audio module
+    # Not the reference's: `qformer_all` with the encoder frozen, for an encoder already trained
+    # for the task that the stage should not disturb (the demo's warmed-up one).
+    "all_but_encoder": {"aggregator", "qformer", "projections"},
+}
 
 
 @dataclass
@@ -51,30 +71,22 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
-    variant: str = "gama"  # gama (96-token prefix) | ltu (32 tokens, one linear projection)
+    variant: Literal["gama", "ltu"] = "gama"  # gama: 96-token prefix; ltu: 32 tokens, one linear projection
     llm: str = "llama-2-7b"  # an LLM shape preset (gama_ds/model/llm.py) or an HF model folder
-    aggregator: str = "paper"  # paper (uses the taps) | released (the released checkpoints' behaviour)
+    # paper: the aggregator uses the taps; released: the released checkpoints' behaviour (docs/MODEL.md)
+    aggregator: Literal["paper", "released"] = "paper"
     audio: AudioConfig = field(default_factory=AudioConfig)
     lora: LoraConfig | None = field(default_factory=LoraConfig)  # null: no LoRA (stage 1)
-    trainable: str = "qformer_all"  # proj | qformer | qformer_all | all | all_but_encoder (model/weights.py)
+    trainable: Literal[tuple(TRAINABLE_GROUPS)] = "qformer_all"  # the groups each trains: TRAINABLE_GROUPS
     attn_implementation: str = (
         "auto"  # auto (flash_attention_2 where it runs, else sdpa) | sdpa | eager | ...
     )
     gradient_checkpointing: bool = False  # for the LLM and the audio encoder
-    dtype: str = "float32"  # weights' dtype when built; training precision is the engine's business
+    # weights' dtype when built; training precision is the engine's business (train.precision)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
     def check(self) -> None:
-        choices = {
-            "variant": ("gama", "ltu"),
-            "aggregator": ("paper", "released"),
-            "trainable": ("proj", "qformer", "qformer_all", "all", "all_but_encoder"),
-            "dtype": ("float32", "bfloat16", "float16"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(
-                    f"model.{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}"
-                )
+        check_choices(self, "model")
         if self.variant == "ltu" and self.trainable in ("qformer", "qformer_all", "all_but_encoder"):
             raise ConfigError(
                 f"model.trainable {self.trainable!r} needs the gama variant; LTU trains proj or all"
@@ -89,6 +101,13 @@ class ModelConfig:
             )
         if self.lora is not None and self.lora.r < 1:
             raise ConfigError(f"model.lora.r must be at least 1, got {self.lora.r}")
+        dropouts = {"model.audio.qformer_dropout": a.qformer_dropout}
+        dropouts["model.audio.aggregator_dropout"] = a.aggregator_dropout
+        if self.lora is not None:
+            dropouts["model.lora.dropout"] = self.lora.dropout
+        for key, p in dropouts.items():
+            if not 0.0 <= p < 1.0:
+                raise ConfigError(f"{key} is a dropout probability, within [0, 1); got {p}")
 
 
 @dataclass
@@ -103,16 +122,17 @@ class DataConfig:
     eval: tuple[ShardSource, ...] = ()  # held-out shard sets for the periodic eval loss
     cutoff_len: int = 108  # text tokens per QA pair after truncation (the reference's cutoff)
     tokenizer: str | None = None  # an HF tokenizer folder, or "bytes"; default: model.llm's folder
-    template: str = "alpaca_short"  # the prompt template
+    template: Literal[tuple(TEMPLATES)] = "alpaca_short"  # the prompt template (data/prompts.py)
     train_on_inputs: bool = True  # supervise the prompt too, as the reference does
     num_workers: int = 2  # DataLoader workers per rank (0: batches made in the training process)
-    # How DataLoader workers start: spawn | forkserver. Not fork (the parent holds thread pools);
+    # How DataLoader workers start. Not fork (the parent holds thread pools);
     # spawn by default, as forkserver's workers die with a preemption's SIGTERM to the group.
-    start_method: str = "spawn"
+    start_method: Literal["spawn", "forkserver"] = "spawn"
     shuffle_buffer: int = 1000  # examples held for shuffling, per worker and shard set
     examples_per_clip: int = 0  # 0: every QA pair of a clip each epoch; k: k of them
     bucket_batches: int = 8  # micro-batches per length-sorting window (1: no bucketing)
-    on_bad_sample: str = "fail"  # fail | skip
+    # fail: stop, naming the shard, the sample and the cause; skip: count it, warn and go on
+    on_bad_sample: Literal["fail", "skip"] = "fail"
 
 
 @dataclass
@@ -132,7 +152,7 @@ class TrainConfig:
     micro_batch_size: int = 4  # samples per rank per forward pass
     epochs: int = 1  # passes over the training stream
     max_steps: int = 0  # stop after this many optimizer steps (0: the epochs decide)
-    precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp32) | bf16 | fp16 | fp32
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPUs that have it, else fp32
     seed: int = 0  # model init, data order, dropout
     init: str | None = None  # a gama-ds export, or a reference GAMA/LTU checkpoint, to start from
     output_dir: str = "runs/train"  # checkpoints, metrics, the resolved recipe
@@ -141,8 +161,8 @@ class TrainConfig:
 
 @dataclass
 class DeepSpeedSettings:
-    zero_stage: int = 2  # 2: shard optimizer state and gradients; 3: also the (frozen) LLM
-    config: str | None = None  # a DeepSpeed JSON; default ds_configs/zero<stage>.json
+    zero_stage: Literal[2, 3] = 2  # 2: shard optimizer state and gradients; 3: also the (frozen) LLM
+    config: str | None = None  # a DeepSpeed JSON; default gama_ds/ds_configs/zero<stage>.json
     offload: bool = False  # ZeRO-3 with optimizer and parameters in CPU memory (zero3_offload.json)
     param_persistence_threshold: int = 100_000  # ZeRO-3 keeps smaller tensors whole on every rank
 
@@ -207,15 +227,8 @@ class Recipe:
                 raise ConfigError(f"optim.group_lr.{group}: no such group; groups: {', '.join(GROUP_NAMES)}")
             if not lr > 0:
                 raise ConfigError(f"optim.group_lr.{group} must be positive, got {lr}")
-        choices = {
-            "train.precision": (self.train.precision, ("auto", "bf16", "fp16", "fp32")),
-            "data.on_bad_sample": (self.data.on_bad_sample, ("fail", "skip")),
-            "data.start_method": (self.data.start_method, ("spawn", "forkserver")),
-            "deepspeed.zero_stage": (self.deepspeed.zero_stage, (2, 3)),
-        }
-        for key, (value, allowed) in choices.items():
-            if value not in allowed:
-                raise ConfigError(f"{key} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+        for name in ("data", "optim", "train", "deepspeed", "checkpoint", "logging"):
+            check_choices(getattr(self, name), name)
         if self.global_batch_indivisible():
             raise ConfigError(
                 f"train.global_batch_size {self.train.global_batch_size} is not a multiple of "
@@ -229,12 +242,35 @@ class Recipe:
         return self.train.global_batch_size % self.train.micro_batch_size != 0
 
 
-GROUP_NAMES = ("llm", "lora", "audio_encoder", "aggregator", "qformer", "projections")
+def choices(section, name: str) -> tuple:
+    """The values that the Literal field `name` of a recipe section (class or instance) allows."""
+    cls = section if isinstance(section, type) else type(section)
+    return typing.get_args(typing.get_type_hints(cls)[name])
+
+
+def _check_choice(value, allowed: tuple, key: str) -> None:
+    # 1 == True in Python: a choice matches in type as well as in value.
+    if not any(value == a and type(value) is type(a) for a in allowed):
+        raise ConfigError(f"{key} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+
+
+def check_choices(section, prefix: str) -> None:
+    """Every Literal field of a section and of its subsections, for sections built in code."""
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        value, key = getattr(section, f.name), f"{prefix}.{f.name}"
+        if typing.get_origin(hints[f.name]) is Literal:
+            _check_choice(value, typing.get_args(hints[f.name]), key)
+        elif dataclasses.is_dataclass(value):
+            check_choices(value, key)
 
 
 def _coerce(value, hint, key: str):
     """Check (and gently convert) one YAML value against a dataclass field's type."""
     origin = typing.get_origin(hint)
+    if origin is Literal:
+        _check_choice(value, typing.get_args(hint), key)
+        return value
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         if value is None:

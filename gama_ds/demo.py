@@ -20,6 +20,7 @@ import time
 import torch
 
 from .data.convert import ConvertOptions, convert, summary
+from .errors import GamaDsError
 from .synth import synthesize
 
 
@@ -34,7 +35,7 @@ def deepspeed_launcher() -> list[str]:
     here = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     found = here if os.path.exists(here) else shutil.which("deepspeed")
     if found is None:
-        raise RuntimeError("the deepspeed launcher is not installed in this environment")
+        raise GamaDsError("the deepspeed launcher is not installed in this environment")
     return [found]
 
 
@@ -99,7 +100,7 @@ def run_demo(
         )
         log(f"[demo] {name}: {summary(result).splitlines()[0]}")
         if result.failed:
-            raise RuntimeError(f"conversion of {paths[name]} failed; see {shards[name]}/rejects.jsonl")
+            raise GamaDsError(f"conversion of {paths[name]} failed; see {shards[name]}/rejects.jsonl")
     lap("convert", t0)
 
     t0 = time.perf_counter()
@@ -131,7 +132,7 @@ def run_demo(
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     done = subprocess.run(command, env=env)
     if done.returncode != 0:
-        raise RuntimeError(f"training exited with {done.returncode}; the run directory is {run_dir}")
+        raise GamaDsError(f"training exited with {done.returncode}; the run directory is {run_dir}")
     lap("train", t0)
 
     t0 = time.perf_counter()
@@ -142,8 +143,8 @@ def run_demo(
     lap("export", t0)
 
     t0 = time.perf_counter()
-    from .cli import report_table
     from .infer import evaluate, generate
+    from .report import report_table
 
     model, tokenizer, info = load_export(export_dir)
     prompt = info["prompt"]

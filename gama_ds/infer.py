@@ -14,6 +14,7 @@ import torch
 
 from . import audio
 from .data.collate import IGNORE, Collator, Example, prompt_text
+from .errors import UsageError
 
 # The reference's batch inference settings (gama_inf.py).
 REFERENCE_SAMPLING = dict(do_sample=True, temperature=0.1, top_p=0.95, top_k=500, repetition_penalty=1.1)
@@ -171,7 +172,7 @@ def evaluate(
 
     unknown = set(metrics) - set(METRICS)
     if unknown:
-        raise ValueError(f"unknown metric {sorted(unknown)[0]!r}; metrics: {', '.join(METRICS)}")
+        raise UsageError(f"unknown metric {sorted(unknown)[0]!r}; metrics: {', '.join(METRICS)}")
     examples = []
     for root in shard_dirs:
         for entry in read_index(root)["shards"]:

@@ -13,12 +13,13 @@ import re
 import sys
 
 from .config import ConfigError, load_recipe
+from .errors import GamaDsError
 
 _LINE = re.compile(r"^(?P<host>[A-Za-z0-9_.:\-\[\]]+)\s+slots=(?P<slots>\d+)$")
 
 
-class HostfileError(ValueError):
-    pass
+class HostfileError(GamaDsError, ValueError):
+    """A hostfile line that cannot be used; the message names the file and line."""
 
 
 def parse_hostfile(path: str) -> dict[str, int]:
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(_without_trainer_options(sys.argv[1:] if argv is None else argv))
     try:
         shape = check(args.hostfile, args.recipe, args.overrides, args.devices, args.node_rank)
-    except (HostfileError, ConfigError) as err:
+    except GamaDsError as err:
         print(f"gama_ds.launch: error: {err}", file=sys.stderr)
         return 2
     if args.field == "nodes":

@@ -16,6 +16,8 @@ import os
 import numpy as np
 import soundfile
 
+from .errors import UsageError
+
 COUNT_WORDS = ("one", "two", "three", "four")
 CLIP_SECONDS = (4.0, 6.0)  # of the encoder's 10.24 s window; the rest is padding
 BURST_SECONDS = 0.4  # about 2.5 of the encoder's 64 time tokens
@@ -84,7 +86,7 @@ def answers(attrs: dict) -> dict[str, str]:
 def synthesize(out: str, clips: int = 200, test_clips: int = 40, seed: int = 0) -> dict[str, str]:
     """Write audio files plus train.json (GAMA format) and test.json (evaluation format)."""
     if clips < 1 or test_clips < 0:
-        raise ValueError(f"need at least one training clip, got clips={clips} test_clips={test_clips}")
+        raise UsageError(f"need at least one training clip, got clips={clips} test_clips={test_clips}")
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(out, "audio"), exist_ok=True)
     train, test = [], []
@@ -132,7 +134,7 @@ def synthesize(out: str, clips: int = 200, test_clips: int = 40, seed: int = 0) 
 
 def write_tokenizer(folder: str) -> None:
     """Every word the set's prompts and answers can contain, in the training template."""
-    from .data.collate import TEMPLATES
+    from .data.prompts import TEMPLATES
     from .data.tokenizer import word_tokenizer
 
     texts = [form for forms in TEMPLATES.values() for form in forms.values()]

@@ -25,6 +25,7 @@ from torch import nn
 
 from .audio import pad_features
 from .data.shards import iter_samples, read_index
+from .errors import UsageError
 from .model.encoder import FRAMES, PATCH
 from .synth import QUESTIONS
 
@@ -65,7 +66,7 @@ def load_clips(root: str) -> list[tuple[torch.Tensor, dict[str, str], torch.Tens
             real = torch.arange(FRAMES // PATCH) < -(-len(sample.fbank) // PATCH)
             clips.append((pad_features(torch.from_numpy(sample.fbank)), answers, real))
     if not clips:
-        raise ValueError(f"{root}: no clips to warm the encoder up on")
+        raise UsageError(f"{root}: no clips to warm the encoder up on")
     return clips
 
 
@@ -81,7 +82,7 @@ def warm_up(
 ) -> dict:
     """Train `model.audio.encoder` in place on the clips' answers; returns held-out accuracy by task."""
     if steps < 1 or batch_size < 1 or lr <= 0:
-        raise ValueError(f"warm-up needs steps, batch size and lr > 0; got {steps}, {batch_size}, {lr}")
+        raise UsageError(f"warm-up needs steps, batch size and lr > 0; got {steps}, {batch_size}, {lr}")
     train = load_clips(train_root)
     tasks = sorted({t for _, answers, _ in train for t in answers})
     classes = {t: sorted({a[t] for _, a, _ in train if t in a}) for t in tasks}

@@ -73,3 +73,59 @@ def test_synth_convert_verify_show(tmp_path, capsys):
     assert main(["show", out, "-n", "1"]) == 0
     shown = capsys.readouterr().out
     assert "8 clips, 32 QA pairs" in shown and "fbank [" in shown and shown.count("    Q: ") == 4
+
+
+def _gama_ds(*argv: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "gama_ds", *argv], capture_output=True, text=True, timeout=300, cwd=cwd
+    )
+
+
+def test_a_project_error_is_one_line_and_exit_code_2(tmp_path):
+    # Raised deep inside the model's build, not by the recipe parser: the CLI still reports it plainly.
+    missing = tmp_path / "no-such-llm"
+    done = _gama_ds("estimate", "tiny", f"model.llm={missing}")
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert f"gama-ds estimate: error: model.llm '{missing}' is neither a preset" in done.stderr
+
+
+def test_any_other_exception_keeps_its_traceback(tmp_path):
+    """A library's ValueError is not one of our errors: today's users must see where it came from."""
+    from transformers import LlamaConfig
+
+    from gama_ds.model.llm import PRESETS
+
+    # A model folder whose config.json transformers accepts but which has no layers for LoRA
+    # to attach to: peft raises its own ValueError while the model is built.
+    LlamaConfig(**{**PRESETS["tiny"], "num_hidden_layers": -1}).save_pretrained(tmp_path / "llm")
+    done = _gama_ds("estimate", "tiny", f"model.llm={tmp_path / 'llm'}")
+    assert done.returncode == 1, done.stderr
+    assert "Traceback (most recent call last)" in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert "Error" in last.split(":")[0] and "gama-ds estimate: error" not in done.stderr
+
+
+def test_every_project_error_derives_from_the_base():
+    import inspect
+    import pkgutil
+
+    import gama_ds
+    from gama_ds.errors import GamaDsError
+
+    found = {}
+    for info in pkgutil.walk_packages(gama_ds.__path__, "gama_ds."):
+        if info.name.endswith("__main__"):
+            continue
+        module = __import__(info.name, fromlist=["_"])
+        for name, cls in inspect.getmembers(module, inspect.isclass):
+            if cls.__module__ == info.name and issubclass(cls, Exception) and not name.startswith("_"):
+                found[name] = cls
+    assert {"ConfigError", "ShardError", "StreamError", "ConvertError", "InputError"} <= set(found)
+    assert [name for name, cls in found.items() if not issubclass(cls, GamaDsError)] == []
+
+
+@pytest.mark.parametrize("command", ["generate --audio x.wav --question q", "eval --shards s"])
+def test_a_folder_that_is_not_an_export_is_named(tmp_path, capsys, command):
+    assert main([*command.split(), "--model", str(tmp_path)]) == 2
+    assert f"--model {tmp_path} is not a gama-ds export" in capsys.readouterr().err

@@ -23,6 +23,7 @@ from gama_ds.cli import main
 from gama_ds.data import sample_index
 from gama_ds.data.convert import PROGRESS, ConvertError, ConvertOptions, convert
 from gama_ds.data.shards import iter_samples, read_index
+from gama_ds.errors import GamaDsError
 
 
 def run(inputs, out, workers=1, **opts):
@@ -208,7 +209,7 @@ def test_option_values_are_checked_before_work(qa_set, tmp_path):
         ({"max_reject_fraction": 2.0}, "--max-reject-fraction"),
         ({"backend": "x"}, "backend"),
     ):
-        with pytest.raises(ValueError, match=match):
+        with pytest.raises(GamaDsError, match=match):
             run([qa_set["gama"]], tmp_path / "out", **bad)
     assert not (tmp_path / "out").exists()
 

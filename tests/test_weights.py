@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from gama_ds.config import load_recipe
+from gama_ds.errors import WeightsError
 from gama_ds.model.build import build_model, tiny_config
 from gama_ds.model.estimate import build_on_meta
 from gama_ds.model.weights import count_parameters, import_reference, load_reference_file, map_name
@@ -192,7 +193,7 @@ def test_a_base_folder_and_a_stage_checkpoint_import_from_disk(tmp_path):
         params["audio.proj_qformer.3.weight"].detach(),
         stage1["base_model.model.model.audio_proj_qformer.2.weight"],
     )
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(WeightsError, match="not a base folder"):
         import_reference_path(model, str(tmp_path / "nothing"))
 
 

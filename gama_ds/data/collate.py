@@ -15,14 +15,10 @@ import numpy as np
 import torch
 
 from ..audio import NUM_MEL_BINS, PAD_VALUE, TARGET_FRAMES, pad_features
+from ..errors import GamaDsError
+from .prompts import TEMPLATES, prompt_text
 
 IGNORE = -100
-TEMPLATES = {
-    "alpaca_short": {
-        "with_input": "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
-        "no_input": "### Instruction:\n{instruction}\n\n### Response:\n",
-    },
-}
 
 
 @dataclass
@@ -35,12 +31,6 @@ class Example:
     tokens: tuple[list[int], list[int]] | None = None  # (input_ids, labels), once tokenised
 
 
-def prompt_text(qa: dict, template: str = "alpaca_short") -> str:
-    parts = TEMPLATES[template]
-    form = parts["with_input"] if qa.get("input") else parts["no_input"]
-    return form.format(instruction=qa["instruction"], input=qa.get("input", ""))
-
-
 def ensure_pad_token(tokenizer) -> None:
     """Give a tokenizer without a pad token one that is already in its vocabulary.
 
@@ -51,7 +41,7 @@ def ensure_pad_token(tokenizer) -> None:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
     if tokenizer.pad_token is None:
-        raise ValueError("the tokenizer has no pad, unk or eos token to pad with")
+        raise GamaDsError("the tokenizer has no pad, unk or eos token to pad with; give one that has")
 
 
 class Collator:
@@ -63,8 +53,8 @@ class Collator:
         train_on_inputs: bool = True,
         add_eos: bool = True,
     ):
-        if template not in TEMPLATES:
-            raise ValueError(f"unknown prompt template {template!r}; known: {', '.join(TEMPLATES)}")
+        if template not in TEMPLATES:  # a recipe's is checked on loading; an export's is checked here
+            raise GamaDsError(f"unknown prompt template {template!r}; known: {', '.join(TEMPLATES)}")
         ensure_pad_token(tokenizer)
         self.tokenizer = tokenizer
         self.cutoff_len = cutoff_len

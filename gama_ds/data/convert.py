@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .. import __version__, audio
+from ..errors import GamaDsError
 from .formats import Clip, Reject, group_by_clip, read_inputs
 from .pool import default_workers, ordered_map
 from .shards import (
@@ -45,9 +46,10 @@ from .writer import ShardWriter
 
 PROGRESS = ".progress.jsonl"
 MISSING = "missing file"
+ORDERS = ("shuffle", "input")  # of the clips: sorted then seeded shuffle, or first-seen
 
 
-class ConvertError(RuntimeError):
+class ConvertError(GamaDsError, RuntimeError):
     """The conversion cannot start or continue; the message says what to change."""
 
 
@@ -65,17 +67,17 @@ class ConvertOptions:
 
     def check(self) -> None:
         if self.shard_samples is None and self.shard_bytes is None:
-            raise ValueError("set --shard-samples or --shard-size (or both)")
+            raise ConvertError("set --shard-samples or --shard-size (or both)")
         if self.shard_samples is not None and self.shard_samples < 1:
-            raise ValueError(f"--shard-samples must be at least 1, got {self.shard_samples}")
+            raise ConvertError(f"--shard-samples must be at least 1, got {self.shard_samples}")
         if self.shard_bytes is not None and self.shard_bytes < 64 * 1024:
-            raise ValueError(f"--shard-size must be at least 64KiB, got {self.shard_bytes} bytes")
-        if self.order not in ("shuffle", "input"):
-            raise ValueError(f"--order must be shuffle or input, got {self.order!r}")
+            raise ConvertError(f"--shard-size must be at least 64KiB, got {self.shard_bytes} bytes")
+        if self.order not in ORDERS:
+            raise ConvertError(f"--order must be one of {', '.join(ORDERS)}, got {self.order!r}")
         if not 0.0 <= self.max_reject_fraction <= 1.0:
-            raise ValueError(f"--max-reject-fraction must be in [0, 1], got {self.max_reject_fraction}")
+            raise ConvertError(f"--max-reject-fraction must be in [0, 1], got {self.max_reject_fraction}")
         if self.audio_root is not None and not os.path.isdir(self.audio_root):
-            raise ValueError(f"--audio-root {self.audio_root} is not a directory")
+            raise ConvertError(f"--audio-root {self.audio_root} is not a directory")
         audio.resolve_backend(self.backend)
 
 
@@ -221,7 +223,7 @@ def convert(
     options.check()
     workers = default_workers() if workers is None else workers
     if workers < 1:
-        raise ValueError(f"--workers must be at least 1, got {workers}")
+        raise ConvertError(f"--workers must be at least 1, got {workers}")
     backend = audio.resolve_backend(options.backend)
     started = time.perf_counter()
 
@@ -229,7 +231,7 @@ def convert(
     clips = order_clips(group_by_clip(records), options)
     keys = [clip_key(c) for c in clips]
     if len(set(keys)) != len(keys):
-        raise ConvertError("two audio paths hash to the same sample key; please report this as a bug")
+        raise RuntimeError("two audio paths hash to the same sample key; please report this as a bug")
     input_files = [{"file": p, "sha256": sha256_file(p)} for p in inputs]
     recorded = {k: v for k, v in asdict(options).items() if k != "max_reject_fraction"}
     plan = hashlib.sha256(

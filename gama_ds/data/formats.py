@@ -17,6 +17,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from ..errors import GamaDsError
+
 BAD_RECORD = "bad record"
 OPTIONAL_TEXT = ("input", "dataset", "task")
 # Fields each format consumes; anything else a record carries is kept as the QA's "extra".
@@ -27,7 +29,7 @@ _USED = {
 }
 
 
-class InputError(ValueError):
+class InputError(GamaDsError, ValueError):
     """A whole input file cannot be read; nothing in it can be converted."""
 
 

@@ -38,8 +38,10 @@ from functools import lru_cache
 
 import numpy as np
 
+from ..errors import GamaDsError
 
-class PlanError(ValueError):
+
+class PlanError(GamaDsError, ValueError):
     """A plan that cannot be made as configured; the message says what to change."""
 
 

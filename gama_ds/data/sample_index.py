@@ -25,11 +25,13 @@ from dataclasses import dataclass
 import numpy as np
 from webdataset.tariterators import base_plus_ext
 
+from ..errors import GamaDsError
+
 FORMAT = "gama_ds.sample_index"
 SUFFIX = ".idx.json"
 
 
-class SampleIndexError(ValueError):
+class SampleIndexError(GamaDsError, ValueError):
     """A sample index that does not match its shard; the message names the shard."""
 
 

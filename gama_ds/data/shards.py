@@ -21,6 +21,7 @@ import numpy as np
 from webdataset.tariterators import base_plus_ext
 
 from ..audio import NUM_MEL_BINS, TARGET_FRAMES
+from ..errors import GamaDsError
 from .pool import ordered_map
 
 INDEX = "index.json"
@@ -40,7 +41,7 @@ SHARD_FIELDS = ("file", "samples", "qa_pairs", "bytes", "sha256", "qa_per_sample
 OPTIONAL_FIELDS = ("sample_index",)
 
 
-class ShardError(ValueError):
+class ShardError(GamaDsError, ValueError):
     """A shard or sample that does not match the format; the message names where."""
 
 

@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..config import DataConfig, choices
+from ..errors import GamaDsError
 from . import sample_index
 from .collate import IGNORE, Collator, Example
 from .plan import EpochPlan, PlanError, Ref, rng
@@ -41,11 +43,11 @@ from .sample_index import SampleIndexError
 from .shards import ShardError, decode_sample, read_index
 
 log = logging.getLogger(__name__)
-BAD_SAMPLE_POLICIES = ("fail", "skip")
+BAD_SAMPLE_POLICIES = choices(DataConfig, "on_bad_sample")
 PADDING = "<padding>"
 
 
-class StreamError(ValueError):
+class StreamError(GamaDsError, ValueError):
     """A stream that cannot run as configured; the message says what to change."""
 
 

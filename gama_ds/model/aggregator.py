@@ -15,7 +15,9 @@ from torch import nn
 from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertAttention, BertIntermediate, BertOutput
 
-MODES = ("paper", "released")
+from ..config import ModelConfig, choices
+
+MODES = choices(ModelConfig, "aggregator")
 
 
 class AggregatorLayer(nn.Module):

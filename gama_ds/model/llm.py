@@ -12,6 +12,8 @@ import os
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
+from ..config import ConfigError, ModelConfig, choices
+
 log = logging.getLogger(__name__)
 
 PRESETS = {
@@ -37,7 +39,7 @@ PRESETS = {
     ),
 }  # fmt: skip
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in choices(ModelConfig, "dtype")}  # model.dtype -> torch
 
 
 def is_preset(name: str) -> bool:
@@ -53,7 +55,7 @@ def llm_config(name: str, vocab_size: int | None = None):
         return LlamaConfig(**kwargs)
     if os.path.isdir(name):
         return AutoConfig.from_pretrained(name)
-    raise ValueError(f"model.llm {name!r} is neither a preset ({', '.join(PRESETS)}) nor a model folder")
+    raise ConfigError(f"model.llm {name!r} is neither a preset ({', '.join(PRESETS)}) nor a model folder")
 
 
 def flash_attention_usable() -> bool:
@@ -73,12 +75,15 @@ def choose_attention(requested: str, compute_dtype: torch.dtype) -> str:
         choice = "flash_attention_2" if half and flash_attention_usable() else "sdpa"
     else:
         if requested == "flash_attention_2" and not flash_attention_usable():
-            raise ValueError(
+            raise ConfigError(
                 "model.attn_implementation flash_attention_2 needs flash-attn on an Ampere or newer GPU; "
                 "install gama_ds[flash] there, or use sdpa"
             )
         if requested == "flash_attention_2" and not half:
-            raise ValueError("flash_attention_2 runs in bf16 or fp16 only; train in bf16 or use sdpa")
+            raise ConfigError(
+                "model.attn_implementation flash_attention_2 runs in bf16 or fp16 only; "
+                "train in bf16 or use sdpa"
+            )
         choice = requested
     log.info("attention implementation: %s", choice)
     return choice

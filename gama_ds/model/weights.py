@@ -18,17 +18,12 @@ import torch
 from peft.tuners.lora import LoraLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 
-GROUPS = ("llm", "lora", "audio_encoder", "aggregator", "qformer", "projections")
+from ..config import GROUP_NAMES, TRAINABLE_GROUPS
+from ..errors import WeightsError
+
+GROUPS = GROUP_NAMES  # the recipe names them (optim.group_lr, model.trainable)
 AUDIO_GROUPS = {"encoder": "audio_encoder", "aggregator": "aggregator", "qformer": "qformer"}
-TRAINABLE = {
-    "proj": {"projections"},
-    "qformer": {"aggregator", "projections"},
-    "qformer_all": {"audio_encoder", "aggregator", "qformer", "projections"},
-    "all": {"audio_encoder", "aggregator", "projections"},  # LTU's "all": every audio module
-    # Not the reference's: `qformer_all` with the encoder frozen, for an encoder already trained
-    # for the task that the stage should not disturb (the demo's warmed-up one).
-    "all_but_encoder": {"aggregator", "qformer", "projections"},
-}
+TRAINABLE = TRAINABLE_GROUPS  # model.trainable setting -> the groups it trains
 
 
 def parameter_groups(model) -> dict[str, str]:
@@ -268,7 +263,7 @@ def import_reference_path(model, path: str) -> ImportReport:
             )
     file = os.path.join(path, "pytorch_model.bin") if os.path.isdir(path) else path
     if not os.path.isfile(file):
-        raise FileNotFoundError(
+        raise WeightsError(
             f"{path}: not a base folder (safetensors or pytorch_model-*-of-*.bin) nor a stage checkpoint "
             "(pytorch_model.bin)"
         )

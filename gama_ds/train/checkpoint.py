@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..errors import CheckpointError
+
 COMPLETE = "COMPLETE"
 _TAG = re.compile(r"^step-(\d{8})$")
 
@@ -91,7 +93,10 @@ def load(engine, ckpt_dir: str, tag: str) -> dict:
     """Restore weights, optimizer, scheduler and this rank's RNG; returns the client state."""
     path, client_state = engine.load_checkpoint(ckpt_dir, tag=tag, load_module_strict=False)
     if path is None:
-        raise RuntimeError(f"{ckpt_dir}/{tag}: DeepSpeed could not load this checkpoint")
+        raise CheckpointError(
+            f"{ckpt_dir}/{tag}: DeepSpeed found no checkpoint to load there; give a complete tag "
+            "(one with a COMPLETE marker) or --resume auto"
+        )
     rank = dist.get_rank() if dist.is_initialized() else 0
     rng = os.path.join(ckpt_dir, tag, f"rng_rank{rank}.pt")
     if os.path.exists(rng):  # a different world size has no state for this rank: keep the seed's

@@ -1,6 +1,6 @@
 """DeepSpeed: the config resolved from the recipe, the optimizer, and `deepspeed.initialize`.
 
-The JSON files in ds_configs/ say "auto" for everything the recipe owns; `resolve_ds_config`
+The JSON files in gama_ds/ds_configs/ say "auto" for everything the recipe owns; `resolve_ds_config`
 fills those in from the recipe and the real world size, and refuses a JSON whose concrete
 value disagrees with the recipe, so the two can never drift apart. The global batch is the
 recipe's number: accumulation = global / (micro x world size), whatever the node count.
@@ -17,9 +17,8 @@ import torch
 from ..config import ConfigError, Recipe
 from ..model.weights import parameter_groups
 
-DS_CONFIGS = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "ds_configs"
-)
+# Inside the package, so that an installed gama_ds (not only a checkout) finds them.
+DS_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs")
 
 
 def on_gpu() -> bool:

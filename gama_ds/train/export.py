@@ -21,6 +21,7 @@ import torch
 from .. import __version__, audio
 from ..config import ConfigError, ModelConfig, Recipe, from_dict
 from ..data.tokenizer import load_tokenizer
+from ..errors import CheckpointError, WeightsError
 from ..model.build import build_model
 from ..model.llm import build_llm, is_preset
 from ..model.weights import import_reference_path
@@ -68,13 +69,13 @@ def load_init(model, path: str) -> None:
         if os.path.exists(adapter) and hasattr(model.llm, "peft_config"):
             result = set_peft_model_state_dict(model.llm, load_file(adapter))
             if result.unexpected_keys:
-                raise RuntimeError(
+                raise WeightsError(
                     f"{path}: adapter tensors the model has no place for: {result.unexpected_keys[:4]}"
                 )
         return
     report = import_reference_path(model, path)
     if not report.ok:
-        raise RuntimeError(f"train.init {path}: {report.problems()}")
+        raise WeightsError(f"train.init {path}: {report.problems()}")
 
 
 def export(path: str, out: str, merge: bool = False) -> dict:
@@ -91,7 +92,7 @@ def export(path: str, out: str, merge: bool = False) -> dict:
     expected = {n for n, p in params.items() if p.requires_grad}
     if set(trained) != expected:
         missing, extra = sorted(expected - set(trained)), sorted(set(trained) - expected)
-        raise RuntimeError(
+        raise CheckpointError(
             f"{ckpt_dir}/{tag} does not match its recipe's model: missing {missing[:4]}, extra {extra[:4]}"
         )
     with torch.no_grad():

@@ -20,10 +20,11 @@ import torch
 import torch.distributed as dist
 
 from .. import __version__
-from ..config import Recipe, load_recipe
+from ..config import ConfigError, Recipe, load_recipe
 from ..data.collate import Collator
 from ..data.stream import StreamLoader, TrainStream, open_sets
 from ..data.tokenizer import load_tokenizer
+from ..errors import CheckpointError
 from ..model.build import build_model
 from . import checkpoint
 from .engine import initialize
@@ -213,9 +214,9 @@ def train(recipe_path: str, overrides: list[str] = (), resume: str | None = None
         recipe.model, compute_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.precision)
     )
     if len(tokenizer) > model.llm.config.vocab_size:
-        raise RuntimeError(
-            f"the tokenizer has {len(tokenizer)} tokens, the LLM's vocabulary only "
-            f"{model.llm.config.vocab_size}"
+        raise ConfigError(
+            f"data.tokenizer {plan.tokenizer} has {len(tokenizer)} tokens, the vocabulary of model.llm "
+            f"{plan.llm_source} only {model.llm.config.vocab_size}; give the LLM's own tokenizer"
         )
     if recipe.train.init is not None:
         load_init(model, recipe.train.init)  # a gama-ds export, or a reference checkpoint
@@ -270,7 +271,10 @@ def train(recipe_path: str, overrides: list[str] = (), resume: str | None = None
         if tag is not None:
             state = checkpoint.load(engine, ckpt_dir, tag)
             if state.get("recipe_hash") != digest:
-                raise RuntimeError(f"{ckpt_dir}/{tag} was written by another recipe")
+                raise CheckpointError(
+                    f"{ckpt_dir}/{tag} was written by another recipe; resume with the recipe and "
+                    "overrides in its run.json, or train into another train.output_dir"
+                )
             step = state["step"]
             note = loader.load_state_dict(state["stream"])
             log.info("resumed from %s at step %d%s", tag, step, f" ({note})" if note else "")

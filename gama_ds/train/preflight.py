@@ -137,10 +137,7 @@ def preflight(recipe: Recipe, world_size: int, resume: str | None, recipe_hash: 
     accumulation = accumulation_steps(recipe, world_size)
     precision = resolve_precision(recipe)
     compute = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-    try:
-        choose_attention(recipe.model.attn_implementation, compute)
-    except ValueError as err:
-        raise ConfigError(f"model.attn_implementation: {err}") from None
+    choose_attention(recipe.model.attn_implementation, compute)  # raises a ConfigError naming the key
     init = recipe.train.init
     if init is not None and not os.path.exists(init):
         raise ConfigError(
