@@ -19,6 +19,7 @@ setup(
         "peft==0.21.2",
         "accelerate==1.15.0",
         "webdataset==1.0.2",
+        "xxhash==4.1.0",
         "soundfile==0.14.0",
         "numpy==2.4.6",
         "scipy==1.17.1",

@@ -47,7 +47,7 @@ def reference_item(path: str) -> torch.Tensor:
 
 
 def ours(root: str) -> None:
-    """The training stream's path: one pread per sample at its indexed offset, its CRC-32
+    """The training stream's path: one pread per sample at its indexed offset, its checksum
     checked against the conversion's, safe decoding, padding."""
     sets = open_sets([(root, 1.0)])
     reader = Reader(sets, StreamConfig(micro_batch=1), epoch=0, keep_clips=0)

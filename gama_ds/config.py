@@ -178,6 +178,7 @@ class LoggingConfig:
     every_steps: int = 10  # metrics line every N optimizer steps
     tensorboard: bool = True
     plot: bool = True  # loss and learning-rate curves as a PNG at the end
+    trace_examples: bool = False  # examples/rank<r>.jsonl: the example keys of every step, per rank
 
 
 @dataclass

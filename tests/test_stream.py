@@ -159,14 +159,14 @@ def test_another_world_size_resumes_at_the_same_global_example(data, before, aft
         loader = StreamLoader(TrainStream(sets, cfg, COLLATOR, rank, after, 2))
         assert loader.load_state_dict(states[0]) is None
         rest += [k for b in loader for k in b["keys"]]
-    assert len(trained) + len(rest) == len(whole) == 112
+    assert len(trained) + len(rest) == len(whole) == 120  # 15 whole global batches
     assert sorted(trained + rest) == sorted(whole)  # nothing repeated, nothing skipped
     assert sorted(trained) == sorted(whole[: 5 * 8])
 
 
 def test_mixing_weights_are_honoured(data):
     sets = open_sets([(data["even"], 3.0), (data["other"], 1.0)])
-    cfg = StreamConfig(micro_batch=4)
+    cfg = StreamConfig(micro_batch=4, global_batch=8)
     keys = [
         k
         for r in range(2)
@@ -230,7 +230,7 @@ def test_bad_samples_fail_by_name_or_are_skipped_and_counted(data):
         ShardError, match=rf"corrupt/{shard}: sample '{key}': fbank.npy is not a plain .npy array"
     ):
         list(StreamLoader(TrainStream(sets, StreamConfig(micro_batch=4), COLLATOR, 0, 1, 2)))
-    skip = StreamConfig(micro_batch=4, on_bad_sample="skip")
+    skip = StreamConfig(micro_batch=4, global_batch=8, on_bad_sample="skip")
     counts, bad, keys = [], 0, []
     for rank in range(2):
         batches = list(StreamLoader(TrainStream(sets, skip, COLLATOR, rank, 2, 2)))
@@ -270,7 +270,12 @@ def test_batches_are_bucketed_by_length(data):
 
     def padding(bucket_batches):
         stream = TrainStream(
-            sets, StreamConfig(micro_batch=4, bucket_batches=bucket_batches), COLLATOR, 0, 1, 0
+            sets,
+            StreamConfig(micro_batch=4, global_batch=32, bucket_batches=bucket_batches),
+            COLLATOR,
+            0,
+            1,
+            0,
         )
         return sum(float(b["pad_fraction"]) for b in StreamLoader(stream))
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from gama_ds.cli import main
+from gama_ds.data import sample_index
 from gama_ds.data.convert import ConvertOptions, convert
 from gama_ds.data.shards import ShardError, decode_sample, sha256_file, verify
 
@@ -34,6 +35,8 @@ def reseal(out, name):
 
     def change(index):
         entry = next(e for e in index["shards"] if e["file"] == name)
+        side = sample_index.write(str(out / name), sample_index.scan(str(out / name), checksums=True))
+        entry["sample_index"]["sha256"] = sha256_file(out / side)
         delta = os.path.getsize(out / name) - entry["bytes"]
         entry["bytes"] += delta
         entry["sha256"] = sha256_file(out / name)
@@ -82,7 +85,7 @@ def test_bit_flips_inside_features_are_named_by_sample(shard_set):
         data[i] ^= 0x01  # the low mantissa bit: every value stays finite
     path.write_bytes(bytes(data))
     problems, _ = verify(str(shard_set))
-    assert "shard-000001.tar: sample #1: CRC-32 differs from shard-000001.idx.json's" in problems
+    assert "shard-000001.tar: sample #1: checksum differs from shard-000001.idx.json's" in problems
 
 
 def test_a_truncated_shard_is_caught(shard_set):

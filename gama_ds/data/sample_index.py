@@ -1,10 +1,12 @@
-"""The per-shard sample index: where each sample lies in its tar, its CRC-32, its QA lengths.
+"""The per-shard sample index: where each sample lies in its tar, its checksum, its QA lengths.
 
 `gama-ds convert` writes it beside every shard as `shard-NNNNNN.idx.json` and names it, with
 its sha256, in the shard's `index.json` entry (`sample_index`). With it a reader takes any part
 of a shard: it reads one sample's bytes with one `pread` at its offset, instead of decoding the
-tar from its start, and checks them against the CRC-32 taken at conversion before the sample is
-used, so a bit flip inside a sample's features is a bad sample, not a silent training input.
+tar from its start, and checks them against the checksum taken at conversion before the sample
+is used, so a bit flip inside a sample's features is a bad sample, not a silent training input.
+The checksum is xxHash's XXH3-64: zlib's CRC-32 took as long as decoding the sample, XXH3 an
+eighth of that.
 
 The tar itself is unchanged: stock `tarfile` and webdataset read the shards as before.
 
@@ -19,10 +21,10 @@ import io
 import json
 import os
 import tarfile
-import zlib
 from dataclasses import dataclass
 
 import numpy as np
+import xxhash
 from webdataset.tariterators import base_plus_ext
 
 from ..errors import GamaDsError
@@ -38,7 +40,7 @@ class SampleIndexError(GamaDsError, ValueError):
 @dataclass
 class SampleIndex:
     offsets: np.ndarray  # int64 [n + 1]: sample i's bytes are offsets[i]:offsets[i + 1]
-    crc32: np.ndarray | None  # uint32 [n] of those bytes; None for shards converted without one
+    checksums: list[str] | None  # XXH3-64 of those bytes, hex; None for shards converted without
     qa_bytes: list[list[int]]  # per sample, per QA pair: UTF-8 bytes of instruction, input, output
 
     def __len__(self) -> int:
@@ -48,9 +50,13 @@ class SampleIndex:
         return {
             "format": FORMAT,
             "offsets": self.offsets.tolist(),
-            "crc32": None if self.crc32 is None else self.crc32.tolist(),
+            "xxh3_64": self.checksums,
             "qa_bytes": self.qa_bytes,
         }
+
+
+def checksum(data: bytes) -> str:
+    return xxhash.xxh3_64_hexdigest(data)
 
 
 def index_file(shard_file: str) -> str:
@@ -66,20 +72,45 @@ def qa_lengths(meta: dict) -> list[int]:
 
 
 def split_members(data: bytes, where: str) -> tuple[str, dict[str, bytes]]:
-    """One sample's tar records (as cut out by its offsets) -> (key, {ext: bytes})."""
+    """One sample's tar records (as cut out by its offsets) -> (key, {ext: bytes}).
+
+    Plain ustar headers are parsed one block at a time by tarfile's own `TarInfo.frombuf`
+    (which checks each header's checksum); records with extended headers (pax, GNU long
+    names) go through a whole `tarfile` reader. The first way costs a tenth of the second.
+    """
+    key, members, pos = None, {}, 0
+    try:
+        while pos + tarfile.BLOCKSIZE <= len(data):
+            info = tarfile.TarInfo.frombuf(data[pos : pos + tarfile.BLOCKSIZE], "utf-8", "surrogateescape")
+            if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
+                return _split_with_tarfile(data, where)
+            start = pos + tarfile.BLOCKSIZE
+            key = _add_member(members, key, info.name, data[start : start + info.size])
+            pos = start + -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    except tarfile.TarError as err:
+        raise SampleIndexError(f"{where}: unreadable sample records: {err}") from err
+    if key is None:
+        raise SampleIndexError(f"{where}: no sample at this offset")
+    return key, members
+
+
+def _add_member(members: dict, key: str | None, name: str, payload: bytes) -> str:
+    k, ext = base_plus_ext(name)
+    if k is None or (key is not None and k != key):
+        raise tarfile.TarError(f"member {name!r} does not belong to sample {key!r}")
+    if ext in members:
+        raise tarfile.TarError(f"sample {k!r} has {ext} twice")
+    members[ext] = payload
+    return k
+
+
+def _split_with_tarfile(data: bytes, where: str) -> tuple[str, dict[str, bytes]]:
     key, members = None, {}
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             for info in tar:
-                if not info.isfile():
-                    continue
-                k, ext = base_plus_ext(info.name)
-                if k is None or (key is not None and k != key):
-                    raise tarfile.TarError(f"member {info.name!r} does not belong to sample {key!r}")
-                if ext in members:
-                    raise tarfile.TarError(f"sample {k!r} has {ext} twice")
-                key = k
-                members[ext] = tar.extractfile(info).read()
+                if info.isfile():
+                    key = _add_member(members, key, info.name, tar.extractfile(info).read())
     except tarfile.TarError as err:
         raise SampleIndexError(f"{where}: unreadable sample records: {err}") from err
     if key is None:
@@ -119,18 +150,17 @@ def scan(path: str, checksums: bool) -> SampleIndex:
     offsets = np.array([r[1] for r in ranges] + [ranges[-1][2] if ranges else 0], dtype=np.int64)
     if len(ranges) > 1 and np.any(offsets[1:-1] != np.array([r[2] for r in ranges[:-1]])):
         raise SampleIndexError(f"{os.path.basename(path)}: samples are not contiguous in the tar")
-    crcs, qa = [], []
+    sums, qa = [], []
     with open(path, "rb") as f:
         for key, start, end, meta in ranges:
             if checksums:
                 data = os.pread(f.fileno(), end - start, start)
-                crcs.append(zlib.crc32(data))
+                sums.append(checksum(data))
                 _, members = split_members(data, f"{os.path.basename(path)}: sample {key!r}")
                 qa.append(_qa_lengths(members.get("json", b"")))
             else:
                 qa.append(_qa_lengths(os.pread(f.fileno(), meta[1], meta[0]) if meta else b""))
-    crc = np.array(crcs, dtype=np.uint32) if checksums else None
-    return SampleIndex(offsets, crc, qa)
+    return SampleIndex(offsets, sums if checksums else None, qa)
 
 
 def write(shard_path: str, index: SampleIndex) -> str:
@@ -161,7 +191,6 @@ def load(root: str, entry: dict) -> SampleIndex:
         raise SampleIndexError(f"{shard}: {ref['file']} is not a {FORMAT} file")
     offsets = np.asarray(data["offsets"], dtype=np.int64)
     n = entry["samples"]
-    if len(offsets) != n + 1 or len(data["qa_bytes"]) != n or len(data["crc32"] or [0] * n) != n:
+    if len(offsets) != n + 1 or len(data["qa_bytes"]) != n or len(data["xxh3_64"] or [0] * n) != n:
         raise SampleIndexError(f"{shard}: {ref['file']} lists {len(offsets) - 1} samples, the index says {n}")
-    crc = None if data["crc32"] is None else np.asarray(data["crc32"], dtype=np.uint32)
-    return SampleIndex(offsets, crc, data["qa_bytes"])
+    return SampleIndex(offsets, data["xxh3_64"], data["qa_bytes"])

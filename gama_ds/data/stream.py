@@ -8,7 +8,7 @@ alone. This module decides who reads it and reads it:
 - the rank's batch k comes from DataLoader worker k % W, the order in which torch's DataLoader
   takes batches from its workers (rotated on resume);
 - a worker reads each example's clip with one `pread` at the offset the shard's sample index
-  gives (data/sample_index.py), checks its CRC-32, decodes it safely (no pickle) and keeps the
+  gives (data/sample_index.py), checks its checksum, decodes it safely (no pickle) and keeps the
   last few clips, since a clip's QA pairs sit close together in the order.
 
 The state is (epoch, global batches consumed, this rank's batches consumed, world size, a digest
@@ -26,7 +26,6 @@ import logging
 import os
 import signal
 import tarfile
-import zlib
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 
@@ -166,9 +165,10 @@ class Reader:
         self.keep_clips = keep_clips
         self.broken: dict[tuple[int, int], ShardError] = {}
         self.bad = 0
+        self.names = [s.name for s in sets]
 
     def _where(self, si: int, shard: int) -> str:
-        return f"{self.sets[si].name}/{self.sets[si].shards[shard]['file']}"
+        return f"{self.names[si]}/{self.sets[si].shards[shard]['file']}"
 
     def index(self, si: int, shard: int) -> sample_index.SampleIndex:
         key = (si, shard)
@@ -231,7 +231,7 @@ class Reader:
             data = os.pread(self._fd(si, shard), end - start, start)
         except OSError as err:
             raise ShardError(f"{where}: sample {sample}: {err}") from err
-        if index.crc32 is not None and zlib.crc32(data) != int(index.crc32[sample]):
+        if index.checksums is not None and sample_index.checksum(data) != index.checksums[sample]:
             try:
                 name, _ = sample_index.split_members(data, where)
             except SampleIndexError:

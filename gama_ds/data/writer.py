@@ -1,7 +1,7 @@
 """Writes samples into shard-NNNNNN.tar files, rolling over at a sample count or a size.
 
 Each shard is written to `<name>.tmp`, fsynced and renamed, so a shard file that exists is
-complete; its sample index (offsets, CRC-32s, QA lengths: data/sample_index.py) is written
+complete; its sample index (offsets, checksums, QA lengths: data/sample_index.py) is written
 beside it the same way, and its entry (counts, bytes, sha256, the sample index) is then handed
 to a callback.
 """

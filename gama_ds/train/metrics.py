@@ -86,6 +86,31 @@ class Metrics:
         return plot_curves(self.path) if plot else None
 
 
+class ExampleTrace:
+    """Which examples each rank trained on at each optimizer step (`logging.trace_examples`):
+    `examples/rank<r>.jsonl`, one `{"step", "keys"}` line per step, to audit the data order.
+    A resumed run drops what an earlier attempt traced past its checkpoint, as Metrics does."""
+
+    def __init__(self, out_dir: str, rank: int, active: bool, after_step: int = 0):
+        self.active, self.keys = active, []
+        self.path = os.path.join(out_dir, "examples", f"rank{rank}.jsonl")
+        if active:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            kept = [r for r in read(self.path) if r["step"] <= after_step]
+            with open(self.path, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+
+    def add(self, keys: list[str]) -> None:
+        if self.active:
+            self.keys.extend(keys)
+
+    def step(self, step: int) -> None:
+        if self.active:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, "keys": self.keys}) + "\n")
+            self.keys = []
+
+
 def read(path: str) -> list[dict]:
     if not os.path.exists(path):
         return []
