@@ -244,8 +244,8 @@ def _add_generate(sub) -> None:
 
 def _generate(args) -> int:
     from .data.formats import read_inputs
+    from .exported import load_export
     from .infer import generate
-    from .train.export import load_export
 
     if bool(args.audio) == bool(args.input) or bool(args.audio) != bool(args.question):
         raise ValueError("give either --audio FILE --question TEXT, or --input JSON")
@@ -315,8 +315,8 @@ def _add_eval(sub) -> None:
 
 
 def _eval(args) -> int:
+    from .exported import load_export
     from .infer import TextEmbedder, evaluate
-    from .train.export import load_export
 
     if (args.embedder or args.labels) and "classify" not in args.metric:
         raise ValueError("--embedder and --labels belong to --metric classify")

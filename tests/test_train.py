@@ -264,7 +264,8 @@ def test_an_export_loads_in_stock_peft_and_reproduces_the_trained_model(
 
     from gama_ds.data.collate import Collator
     from gama_ds.data.stream import StreamConfig, StreamLoader, TrainStream, open_sets
-    from gama_ds.train.export import export, load_export
+    from gama_ds.exported import load_export
+    from gama_ds.train.export import export
 
     out = tmp_path / "export"
     export(str(shards / stage), str(out), merge=True)
@@ -299,8 +300,9 @@ def test_an_export_loads_in_stock_peft_and_reproduces_the_trained_model(
 def test_the_next_stage_starts_from_the_previous_export(shards, zero2, tmp_path):
     from safetensors.torch import load_file
 
+    from gama_ds.exported import load_init
     from gama_ds.model.build import build_model
-    from gama_ds.train.export import export, load_init
+    from gama_ds.train.export import export
 
     export(str(shards / "zero2"), str(tmp_path / "stage_a"))
     model = build_model(load_recipe("tiny").model)

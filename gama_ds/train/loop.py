@@ -24,10 +24,10 @@ from ..config import Recipe, load_recipe
 from ..data.collate import Collator
 from ..data.stream import StreamConfig, StreamLoader, TrainStream, open_sets
 from ..data.tokenizer import load_tokenizer
+from ..exported import load_init
 from ..model.build import build_model
 from . import checkpoint
 from .engine import initialize
-from .export import load_init
 from .metrics import Metrics, device_peak_flops, flops_per_sample, flops_per_token
 from .preflight import RUN_FILE, preflight
 
