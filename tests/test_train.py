@@ -315,12 +315,61 @@ def test_the_next_stage_starts_from_the_previous_export(shards, zero2, tmp_path)
     for name, tensor in adapter.items():
         ours = name.replace(".weight", ".default.weight")
         torch.testing.assert_close(lora[ours], tensor, msg=name)
-    # And a real next stage trains from it.
-    losses, _ = run(
-        shards,
-        tmp_path / "stage_b",
-        "plain",
-        [f"train.init={tmp_path / 'stage_a'}", "train.max_steps=2"],
-        ranks=1,
+    # And a real next stage trains from it, on ZeRO-2 and on ZeRO-3 (the LLM built partitioned,
+    # the init loaded before deepspeed.initialize): the same losses from the first step on.
+    init = [f"train.init={tmp_path / 'stage_a'}", "train.max_steps=2", *DROPOUT]
+    zero3 = ["deepspeed.zero_stage=3", "deepspeed.param_persistence_threshold=0"]
+    losses2, _ = run(shards, tmp_path / "stage_b2", "torchrun", init)
+    losses3, run3 = run(shards, tmp_path / "stage_b3", "torchrun", [*init, *zero3])
+    assert sorted(losses3) == [1, 2] and run3["llm_share_on_rank0"] == pytest.approx(0.5, abs=0.02)
+    for step in (1, 2):
+        assert losses3[step] == pytest.approx(losses2[step], rel=2e-4), step
+    assert losses2[1] < zero2[0][1] - 0.1  # it starts where stage a ended (about 6.07), not afresh (6.30)
+
+
+def test_zero3_builds_the_llm_partitioned_and_as_one_process_does(shards, zero3, tmp_path):
+    """Each rank holds only its share of the LLM from the build on; gathered, the LLM, the audio
+    modules and LoRA are what a one-process build draws from the seed, which is also what the
+    export writes as the base LLM. In the engine's dtype, all of it."""
+    from safetensors.torch import load_file
+
+    from gama_ds.config import Recipe, from_dict
+    from gama_ds.model.build import build_model
+    from gama_ds.model.weights import parameter_groups
+    from gama_ds.train.export import export
+    from gama_ds.train.loop import seed_everything
+
+    export(str(shards / "zero3"), str(tmp_path / "export"))
+    _port[0] += 1
+    probe = os.path.join(os.path.dirname(__file__), "partitioned_probe.py")
+    cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", str(_port[0]), probe]
+    done = subprocess.run(
+        [*cmd, str(shards / "zero3"), str(tmp_path), "fp32", "bf16"],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
-    assert sorted(losses) == [1, 2]
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    recipe = from_dict(Recipe, json.load(open(shards / "zero3" / "run.json"))["recipe"])
+    for rank in (0, 1):
+        report = json.load(open(tmp_path / f"rank{rank}.json"))
+        for precision, dtype in (("fp32", "float32"), ("bf16", "bfloat16")):
+            built = report[precision]
+            assert built["llm_partitioned"] and not built["rest_partitioned"]
+            assert built["llm_elements_held"] <= built["llm_elements"] / 2 + 1000  # its share, padded
+            assert built["dtypes"] == [f"torch.{dtype}"] and built["model_dtype"] == dtype
+    exported_llm = load_file(tmp_path / "export" / "llm" / "model.safetensors")
+    for precision, dtype in (("fp32", "float32"), ("bf16", "bfloat16")):
+        recipe.model.dtype = dtype
+        seed_everything(recipe.train.seed)
+        model = build_model(recipe.model)  # one process, no DeepSpeed: what the export rebuilds
+        groups = parameter_groups(model)
+        for rank in (0, 1):
+            gathered = load_file(tmp_path / f"{precision}-rank{rank}.safetensors")
+            for name, p in model.named_parameters():
+                key = name if groups[name] != "llm" else name[4:].removeprefix("base_model.model.")
+                key = key.replace(".base_layer.", ".")
+                torch.testing.assert_close(gathered[key], p.detach(), rtol=0, atol=0, msg=f"{rank} {key}")
+                if precision == "fp32" and groups[name] == "llm":
+                    torch.testing.assert_close(gathered[key], exported_llm[key], rtol=0, atol=0, msg=key)

@@ -10,17 +10,27 @@ from .weights import set_trainable
 
 
 def build_model(
-    cfg, vocab_size: int | None = None, compute_dtype=None, load_weights: bool = True
+    cfg,
+    vocab_size: int | None = None,
+    compute_dtype=None,
+    load_weights: bool = True,
+    preset_weights: dict | None = None,
 ) -> GamaModel:
     """LLM (preset or folder) + audio modules + LoRA + trainable groups, on the current device.
 
     `compute_dtype` is the precision the model will run in (the engine's), which picks the
     attention kernel. With `load_weights=False` under `torch.device("meta")` nothing is
-    allocated or read, which is how `gama-ds estimate` sizes a 7B model in seconds. Build
-    outside `deepspeed.zero.Init`: the audio modules initialise their weights in place.
+    allocated or read, which is how `gama-ds estimate` sizes a 7B model in seconds.
+    `preset_weights`: a preset LLM's weights, drawn beforehand (see `build_llm`).
+
+    The LLM is built first, then the audio modules and LoRA draw their initial values from the
+    random state it leaves. The audio modules initialise in place: a caller that partitions
+    the LLM as it is built (gama_ds/train/partitioned.py) keeps them out of that.
     """
     cfg.check()
-    llm = build_llm(cfg.llm, cfg.dtype, cfg.attn_implementation, vocab_size, compute_dtype, load_weights)
+    llm = build_llm(
+        cfg.llm, cfg.dtype, cfg.attn_implementation, vocab_size, compute_dtype, load_weights, preset_weights
+    )
     audio_cls = GamaAudio if cfg.variant == "gama" else LtuAudio
     audio = audio_cls(cfg, llm.config.hidden_size).to(DTYPES[cfg.dtype])
     if cfg.gradient_checkpointing:

@@ -25,10 +25,10 @@ from ..data.collate import Collator
 from ..data.stream import StreamConfig, StreamLoader, TrainStream, open_sets
 from ..data.tokenizer import load_tokenizer
 from ..exported import load_init
-from ..model.build import build_model
 from . import checkpoint
 from .engine import initialize
 from .metrics import Metrics, device_peak_flops, flops_per_sample, flops_per_token
+from .partitioned import build_for_training, gathered_for_init
 from .preflight import RUN_FILE, preflight
 
 log = logging.getLogger("gama_ds.train")
@@ -199,8 +199,9 @@ def train(recipe_path: str, overrides: list[str] = (), resume: str | None = None
     if recipe.model.dtype == "float32" and plan.precision == "bf16":
         # DeepSpeed's bf16 mode casts the weights anyway: building in bf16 halves host memory.
         recipe.model.dtype = "bfloat16"
-    model = build_model(
-        recipe.model, compute_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.precision)
+    # ZeRO-3: built partitioned; `zero3_config` must live until deepspeed.initialize (partitioned.py)
+    model, zero3_config = build_for_training(
+        recipe.model, plan.ds_config, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.precision)
     )
     if len(tokenizer) > model.llm.config.vocab_size:
         raise RuntimeError(
@@ -208,7 +209,8 @@ def train(recipe_path: str, overrides: list[str] = (), resume: str | None = None
             f"{model.llm.config.vocab_size}"
         )
     if recipe.train.init is not None:
-        load_init(model, recipe.train.init)  # a gama-ds export, or a reference checkpoint
+        with gathered_for_init(model):
+            load_init(model, recipe.train.init)  # a gama-ds export, or a reference checkpoint
         log.info("initialised from %s", recipe.train.init)
 
     # -- 3. the data: a stream per rank, equal batch counts by construction
