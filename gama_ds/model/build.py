@@ -47,7 +47,9 @@ def build_model(
             bias="none",
             task_type="CAUSAL_LM",
         )
-        llm = peft.get_peft_model(llm, lora)
+        # LoRA in the LLM's dtype, as everything else: peft would upcast a 16-bit adapter to fp32,
+        # and an engine given a model built partitioned (ZeRO-3) casts nothing afterwards.
+        llm = peft.get_peft_model(llm, lora, autocast_adapter_dtype=False)
     model = GamaModel(audio, llm)
     set_trainable(model, cfg.trainable)
     return model

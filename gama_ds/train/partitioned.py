@@ -79,6 +79,9 @@ def _preset_on_rank0(cfg) -> dict[str, torch.Tensor]:
     else:
         with torch.device("meta"):
             weights = build_llm(cfg.llm, cfg.dtype, "sdpa", load_weights=False).state_dict()
+    # A plain dict: transformers' ZeRO-3 loader cannot carry a state_dict()'s `_metadata` over
+    # its key renaming (5.23: AttributeError), and a Llama needs none of it.
+    weights = dict(weights)
     state = [torch.get_rng_state()]
     dist.broadcast_object_list(state, src=0)
     torch.set_rng_state(state[0])
