@@ -2,6 +2,7 @@
 did (ZeRO-3, partitioned), reports what this rank holds, and writes the whole weights, gathered.
 
 usage: partitioned_probe.py RUN_DIR OUT_DIR PRECISION...   (fp32 | bf16, one build each)
+PROBE_LLM=FOLDER in the environment builds with that LLM folder instead of the run's LLM.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def main(run_dir: str, out: str, precisions: list[str]) -> None:
     report = {}
     for precision in precisions:
         recipe = from_dict(Recipe, run["recipe"])
+        recipe.model.llm = os.environ.get("PROBE_LLM", recipe.model.llm)
         ds_config = copy.deepcopy(run["deepspeed_config"])
         ds_config["bf16"]["enabled"] = precision == "bf16"
         seed_everything(recipe.train.seed)

@@ -340,17 +340,7 @@ def test_zero3_builds_the_llm_partitioned_and_as_one_process_does(shards, zero3,
     from gama_ds.train.loop import seed_everything
 
     export(str(shards / "zero3"), str(tmp_path / "export"))
-    _port[0] += 1
-    probe = os.path.join(os.path.dirname(__file__), "partitioned_probe.py")
-    cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", str(_port[0]), probe]
-    done = subprocess.run(
-        [*cmd, str(shards / "zero3"), str(tmp_path), "fp32", "bf16"],
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    probe(shards / "zero3", tmp_path, ["fp32", "bf16"])
     recipe = from_dict(Recipe, json.load(open(shards / "zero3" / "run.json"))["recipe"])
     for rank in (0, 1):
         report = json.load(open(tmp_path / f"rank{rank}.json"))
@@ -373,3 +363,53 @@ def test_zero3_builds_the_llm_partitioned_and_as_one_process_does(shards, zero3,
                 torch.testing.assert_close(gathered[key], p.detach(), rtol=0, atol=0, msg=f"{rank} {key}")
                 if precision == "fp32" and groups[name] == "llm":
                     torch.testing.assert_close(gathered[key], exported_llm[key], rtol=0, atol=0, msg=key)
+
+
+def probe(run_dir, out, precisions, llm=None):
+    """tests/partitioned_probe.py on 2 ranks: the run's model built as its training built it."""
+    _port[0] += 1
+    script = os.path.join(os.path.dirname(__file__), "partitioned_probe.py")
+    cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", str(_port[0]), script]
+    environment = dict(env(), **({"PROBE_LLM": str(llm)} if llm else {}))
+    done = subprocess.run(
+        [*cmd, str(run_dir), str(out), *precisions],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+
+
+def test_zero3_ranks_read_their_own_shares_of_a_model_folder(shards, zero3, tmp_path):
+    """A model folder (fp16 on disk, bf16 in training): each rank reads only its share of each
+    weight, and gathered they are the folder's weights; audio modules and LoRA as one process
+    draws them from the seed with that folder."""
+    from safetensors.torch import load_file
+    from transformers import LlamaForCausalLM
+
+    from gama_ds.config import Recipe, from_dict
+    from gama_ds.model.build import build_model
+    from gama_ds.model.llm import llm_config
+    from gama_ds.train.loop import seed_everything
+
+    folder = tmp_path / "llama"
+    torch.manual_seed(7)
+    # 509 x 64: a share boundary falls inside a row of the embedding.
+    LlamaForCausalLM(llm_config("tiny", vocab_size=509)).half().save_pretrained(folder)
+    probe(shards / "zero3", tmp_path, ["bf16"], llm=folder)
+    on_disk = load_file(folder / "model.safetensors")
+    recipe = from_dict(Recipe, json.load(open(shards / "zero3" / "run.json"))["recipe"])
+    recipe.model.llm, recipe.model.dtype = str(folder), "bfloat16"
+    seed_everything(recipe.train.seed)
+    model = build_model(recipe.model)  # one process: transformers' own loader
+    for rank in (0, 1):
+        report = json.load(open(tmp_path / f"rank{rank}.json"))["bf16"]
+        assert report["llm_partitioned"] and report["dtypes"] == ["torch.bfloat16"]
+        gathered = load_file(tmp_path / f"bf16-rank{rank}.safetensors")
+        for name, tensor in on_disk.items():
+            torch.testing.assert_close(gathered[name], tensor.to(torch.bfloat16), rtol=0, atol=0, msg=name)
+        rest = [(n, p) for n, p in model.named_parameters() if n in gathered]  # audio modules, LoRA
+        assert len(rest) > 100
+        for name, p in rest:
+            torch.testing.assert_close(gathered[name], p.detach(), rtol=0, atol=0, msg=name)

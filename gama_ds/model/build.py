@@ -14,23 +14,22 @@ def build_model(
     vocab_size: int | None = None,
     compute_dtype=None,
     load_weights: bool = True,
-    preset_weights: dict | None = None,
+    llm=None,
 ) -> GamaModel:
     """LLM (preset or folder) + audio modules + LoRA + trainable groups, on the current device.
 
     `compute_dtype` is the precision the model will run in (the engine's), which picks the
     attention kernel. With `load_weights=False` under `torch.device("meta")` nothing is
     allocated or read, which is how `gama-ds estimate` sizes a 7B model in seconds.
-    `preset_weights`: a preset LLM's weights, drawn beforehand (see `build_llm`).
+    `llm`: the LLM, built by the caller (`build_llm`) in its own way, e.g. partitioned as it is
+    built (gama_ds/train/partitioned.py); the audio modules, initialised in place, stay out of that.
 
     The LLM is built first, then the audio modules and LoRA draw their initial values from the
-    random state it leaves. The audio modules initialise in place: a caller that partitions
-    the LLM as it is built (gama_ds/train/partitioned.py) keeps them out of that.
+    random state it leaves.
     """
     cfg.check()
-    llm = build_llm(
-        cfg.llm, cfg.dtype, cfg.attn_implementation, vocab_size, compute_dtype, load_weights, preset_weights
-    )
+    if llm is None:
+        llm = build_llm(cfg.llm, cfg.dtype, cfg.attn_implementation, vocab_size, compute_dtype, load_weights)
     audio_cls = GamaAudio if cfg.variant == "gama" else LtuAudio
     audio = audio_cls(cfg, llm.config.hidden_size).to(DTYPES[cfg.dtype])
     if cfg.gradient_checkpointing:

@@ -19,7 +19,10 @@ partitions them); they draw from the random state rank 0's LLM build left, on ev
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import math
+import os
 
 import torch
 import torch.distributed as dist
@@ -58,10 +61,24 @@ def build_for_training(cfg, ds_config: dict, compute_dtype=None):
         # the recipe (run.json, and so the export's rebuild) says what the model was built in.
         log.info("model.dtype %s -> %s: ZeRO-3 builds the model in the engine's precision", cfg.dtype, dtype)
         cfg.dtype = dtype
-    preset_weights = _preset_on_rank0(cfg) if is_preset(cfg.llm) else None
-    keep = HfDeepSpeedConfig(ds_config)  # transformers' from_config/from_pretrained now use zero.Init
-    model = build_model(cfg, compute_dtype=compute_dtype, preset_weights=preset_weights)
-    del preset_weights
+    args = (cfg.llm, cfg.dtype, cfg.attn_implementation, None, compute_dtype)
+    if is_preset(cfg.llm):
+        weights = _preset_on_rank0(cfg)
+        keep = HfDeepSpeedConfig(ds_config)  # transformers' from_config/from_pretrained now use zero.Init
+        llm = build_llm(*args, preset_weights=weights)
+        del weights
+    else:
+        files = shard_files(cfg, ds_config)
+        keep = HfDeepSpeedConfig(ds_config)
+        if files is None:  # transformers' loader: rank 0 reads the files whole
+            llm = build_llm(*args)
+        else:
+            # Created empty under zero.Init; transformers' random init of it (one module at a time,
+            # rank 0 drawing) is thrown away, and must not move the state the rest draws from.
+            with torch.random.fork_rng(devices=_accelerator()):
+                llm = build_llm(*args, load_weights=False)
+            load_shares(llm, files)
+    model = build_model(cfg, compute_dtype=compute_dtype, llm=llm)
     wrong = {n: p.dtype for n, p in model.named_parameters() if p.dtype != DTYPES[dtype]}
     if wrong:
         name = next(iter(wrong))
@@ -69,6 +86,69 @@ def build_for_training(cfg, ds_config: dict, compute_dtype=None):
             f"ZeRO-3 build: {len(wrong)} parameters are not in {dtype}, e.g. {name} ({wrong[name]})"
         )
     return model, keep
+
+
+def _accelerator() -> list[int]:
+    return [torch.cuda.current_device()] if torch.cuda.is_available() else []
+
+
+def shard_files(cfg, ds_config: dict) -> dict[str, str] | None:
+    """Weight name -> safetensors file, when every weight of the LLM is a tensor of its folder
+    under the same name, so that each rank can read its own shares (`load_shares`); None
+    otherwise (other formats, renamed keys, parameters swapped to NVMe), for transformers."""
+    folder = cfg.llm
+    offload = ds_config.get("zero_optimization", {}).get("offload_param", {}).get("device")
+    if offload == "nvme":
+        return None
+    index = os.path.join(folder, "model.safetensors.index.json")
+    single = os.path.join(folder, "model.safetensors")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            files = {k: os.path.join(folder, v) for k, v in json.load(f)["weight_map"].items()}
+    elif os.path.isfile(single):
+        from safetensors import safe_open
+
+        with safe_open(single, framework="pt") as f:
+            files = dict.fromkeys(f.keys(), single)
+    else:
+        return None
+    with torch.device("meta"):
+        llm = build_llm(cfg.llm, cfg.dtype, "sdpa", load_weights=False)
+    names = {n for n, _ in llm.named_parameters()}
+    persistent = set(llm.state_dict()) - names  # persistent buffers: leave those models to transformers
+    if persistent or not names <= set(files):
+        return None
+    return files
+
+
+def load_shares(llm, files: dict[str, str]) -> None:
+    """Each rank reads, of every weight, the rows that hold its own share and nothing else, and
+    writes its share in place: no gathering, nothing broadcast, and the folder read about once
+    in all (ZeRO-3's layout: rank r of the partition group holds elements [r*n, (r+1)*n) of the
+    flattened weight, n = ceil(elements / ranks), the last share padded)."""
+    from safetensors import safe_open
+
+    by_file: dict[str, list] = {}
+    for name, p in llm.named_parameters():
+        by_file.setdefault(files[name], []).append((name, p))
+    with torch.no_grad():
+        for file, params in by_file.items():
+            with safe_open(file, framework="pt") as f:
+                for name, p in params:
+                    source = f.get_slice(name)
+                    shape = tuple(source.get_shape())
+                    if shape != tuple(p.ds_shape):
+                        raise ValueError(f"{file}: {name} is {list(shape)}, the model's {list(p.ds_shape)}")
+                    share = p.ds_tensor
+                    n = share.ds_numel
+                    start = n * dist.get_rank(group=p.ds_process_group)
+                    end = min(start + n, p.ds_numel)
+                    if start >= end:
+                        continue
+                    row = math.prod(shape[1:])  # elements per index of the first dimension
+                    first, last = start // row, -(-end // row)
+                    rows = source[first:last].reshape(-1)
+                    share.data[: end - start].copy_(rows[start - first * row : end - first * row])
 
 
 def _preset_on_rank0(cfg) -> dict[str, torch.Tensor]:
