@@ -19,6 +19,7 @@ partitions them); they draw from the random state rank 0's LLM build left, on ev
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
 import math
@@ -53,8 +54,6 @@ def build_for_training(cfg, ds_config: dict, compute_dtype=None):
     reference to it). Without ZeRO-3 that is the plain build, and `keep` is None."""
     if not zero3(ds_config):
         return build_model(cfg, compute_dtype=compute_dtype), None
-    from transformers.integrations import HfDeepSpeedConfig
-
     dtype = init_dtype(ds_config)
     if cfg.dtype != dtype:
         # zero.Init casts the LLM to the engine's dtype; the audio modules and LoRA follow it, and
@@ -62,6 +61,22 @@ def build_for_training(cfg, ds_config: dict, compute_dtype=None):
         log.info("model.dtype %s -> %s: ZeRO-3 builds the model in the engine's precision", cfg.dtype, dtype)
         cfg.dtype = dtype
     args = (cfg.llm, cfg.dtype, cfg.attn_implementation, None, compute_dtype)
+    with _whole_weights_given_back():
+        llm, keep = _build_llm(cfg, ds_config, args)
+    model = build_model(cfg, compute_dtype=compute_dtype, llm=llm)
+    wrong = {n: p.dtype for n, p in model.named_parameters() if p.dtype != DTYPES[dtype]}
+    if wrong:
+        name = next(iter(wrong))
+        raise RuntimeError(
+            f"ZeRO-3 build: {len(wrong)} parameters are not in {dtype}, e.g. {name} ({wrong[name]})"
+        )
+    return model, keep
+
+
+def _build_llm(cfg, ds_config: dict, args: tuple):
+    """(the LLM, partitioned; the HfDeepSpeedConfig that made it so)."""
+    from transformers.integrations import HfDeepSpeedConfig
+
     if is_preset(cfg.llm):
         weights = _preset_on_rank0(cfg)
         keep = HfDeepSpeedConfig(ds_config)  # transformers' from_config/from_pretrained now use zero.Init
@@ -78,14 +93,27 @@ def build_for_training(cfg, ds_config: dict, compute_dtype=None):
             with torch.random.fork_rng(devices=_accelerator()):
                 llm = build_llm(*args, load_weights=False)
             load_shares(llm, files)
-    model = build_model(cfg, compute_dtype=compute_dtype, llm=llm)
-    wrong = {n: p.dtype for n, p in model.named_parameters() if p.dtype != DTYPES[dtype]}
-    if wrong:
-        name = next(iter(wrong))
-        raise RuntimeError(
-            f"ZeRO-3 build: {len(wrong)} parameters are not in {dtype}, e.g. {name} ({wrong[name]})"
-        )
-    return model, keep
+    return llm, keep
+
+
+@contextlib.contextmanager
+def _whole_weights_given_back():
+    """Under zero.Init each weight is allocated whole, broadcast and cut into its share, then
+    freed. glibc serves allocations under its mmap threshold from the heap and raises that
+    threshold (up to 32 MiB) as large blocks are freed, so those whole weights end up in heap
+    memory it never gives back: 1 GiB per rank on a 1B Llama (bench/zero3_memory.py). With
+    the threshold held at 1 MiB while building, they are mapped, and unmapped when freed."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        yield
+        return
+    m_mmap_threshold = -3
+    mallopt(m_mmap_threshold, 1 << 20)
+    try:
+        yield
+    finally:
+        mallopt(m_mmap_threshold, 32 << 20)  # where glibc's own adjustment tops out
 
 
 def _accelerator() -> list[int]:
