@@ -1,19 +1,21 @@
 """ZeRO-3: the model built already partitioned, so that no rank ever holds the whole LLM.
 
 Everything DeepSpeed-specific about building lives here; the model package knows nothing of it.
-With an `HfDeepSpeedConfig` alive, transformers creates the LLM inside `deepspeed.zero.Init`
-(each parameter is cut into its ranks' shares as its module is constructed) and, for a model
-folder, loads the checkpoint module by module: rank 0 alone reads the files, and for each
-module the ranks gather its parameters, rank 0 copies the values in, and DeepSpeed broadcasts
-them and cuts them back into shares (`GatheredParameters(modifier_rank=0)`). The other ranks
-read only the names and shapes.
+With an `HfDeepSpeedConfig` alive, transformers creates the LLM inside `deepspeed.zero.Init`:
+each weight is cut into its ranks' shares as its module is constructed. Then:
 
-A preset LLM (random weights: tests, the demo) is drawn once, on rank 0 and on its CPU, exactly
-as a one-process build draws it from the seed, and loaded the same way. So it is the same on
-every world size, on CPU or GPU, and the same that `gama-ds export` rebuilds without DeepSpeed.
+- a safetensors folder whose names are the model's: each rank reads only the rows of each
+  weight that hold its share, and writes them in place (`load_shares`); nothing is gathered;
+- any other folder: transformers' ZeRO-3 loading, in which rank 0 alone reads the files and,
+  module by module, copies the values into the gathered weights, which DeepSpeed broadcasts and
+  cuts back into shares (`GatheredParameters(modifier_rank=0)`);
+- a preset LLM (random weights: tests, the demo): drawn once, on rank 0 and on its CPU, exactly
+  as a one-process build draws it from the seed, and loaded as above. So it is the same on every
+  world size, on CPU or GPU, and the same that `gama-ds export` rebuilds without DeepSpeed.
 
 The audio modules and LoRA are small and built outside `zero.Init` (`deepspeed.initialize`
-partitions them); they draw from the random state rank 0's LLM build left, on every rank.
+partitions them); they draw from the same random state on every rank, the state a one-process
+build leaves after the LLM. docs/TRAINING.md has the measurements.
 """
 
 from __future__ import annotations
