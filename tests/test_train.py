@@ -40,11 +40,16 @@ def shards(tmp_path_factory):
 env = train_env
 
 
-_port = [29610]
+def free_port() -> str:
+    """A port no one listens on now: fixed numbers collide with other test runs on the machine."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
 
 
 def run(shards, out, launcher, overrides=(), extra=(), ranks=2):
-    _port[0] += 1
     args = [
         "tiny",
         f"data.train=[{{path: {shards / 'train'}}}]",
@@ -54,7 +59,7 @@ def run(shards, out, launcher, overrides=(), extra=(), ranks=2):
         *overrides,
         *extra,
     ]
-    port = str(_port[0])
+    port = free_port()
     launchers = {
         "torchrun": ["torchrun", "--nproc_per_node", str(ranks), "--master_port", port, "-m"],
         "deepspeed": ["deepspeed", "--num_gpus", str(ranks), "--master_port", port, "--module"],
@@ -367,9 +372,8 @@ def test_zero3_builds_the_llm_partitioned_and_as_one_process_does(shards, zero3,
 
 def probe(run_dir, out, precisions, llm=None):
     """tests/partitioned_probe.py on 2 ranks: the run's model built as its training built it."""
-    _port[0] += 1
     script = os.path.join(os.path.dirname(__file__), "partitioned_probe.py")
-    cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", str(_port[0]), script]
+    cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", free_port(), script]
     environment = dict(env(), **({"PROBE_LLM": str(llm)} if llm else {}))
     done = subprocess.run(
         [*cmd, str(run_dir), str(out), *precisions],
