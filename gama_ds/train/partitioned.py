@@ -125,11 +125,12 @@ def _accelerator() -> list[int]:
 def shard_files(cfg, ds_config: dict) -> dict[str, str] | None:
     """Weight name -> safetensors file, when every weight of the LLM is a tensor of its folder
     under the same name, so that each rank can read its own shares (`load_shares`); None
-    otherwise (other formats, renamed keys, parameters swapped to NVMe), for transformers."""
+    otherwise (other formats, renamed keys, parameters swapped to NVMe, ZeRO++'s hpZ), for
+    transformers."""
     folder = cfg.llm
-    offload = ds_config.get("zero_optimization", {}).get("offload_param", {}).get("device")
-    if offload == "nvme":
-        return None
+    zero = ds_config.get("zero_optimization", {})
+    if zero.get("offload_param", {}).get("device") == "nvme" or zero.get("zero_hpz_partition_size", 1) > 1:
+        return None  # swapped-out shares, or ZeRO++'s second copy of each: transformers' loader fills those
     index = os.path.join(folder, "model.safetensors.index.json")
     single = os.path.join(folder, "model.safetensors")
     if os.path.isfile(index):
