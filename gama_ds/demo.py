@@ -136,7 +136,8 @@ def run_demo(
     lap("train", t0)
 
     t0 = time.perf_counter()
-    from .train.export import export, load_export
+    from .exported import load_export
+    from .train.export import export
 
     export_dir = os.path.join(out, "export")
     export(run_dir, export_dir)

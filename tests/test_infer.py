@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import synth_shards, train_env
+from gama_ds.exported import load_export
 from gama_ds.infer import (
     TextEmbedder,
     classification_accuracy,
@@ -21,7 +22,7 @@ from gama_ds.infer import (
     generate,
     normalise,
 )
-from gama_ds.train.export import export, load_export
+from gama_ds.train.export import export
 
 
 @pytest.fixture(scope="module")

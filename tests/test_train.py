@@ -40,11 +40,16 @@ def shards(tmp_path_factory):
 env = train_env
 
 
-_port = [29610]
+def free_port() -> str:
+    """A port no one listens on now: fixed numbers collide with other test runs on the machine."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
 
 
 def run(shards, out, launcher, overrides=(), extra=(), ranks=2):
-    _port[0] += 1
     args = [
         "tiny",
         f"data.train=[{{path: {shards / 'train'}}}]",
@@ -54,7 +59,7 @@ def run(shards, out, launcher, overrides=(), extra=(), ranks=2):
         *overrides,
         *extra,
     ]
-    port = str(_port[0])
+    port = free_port()
     launchers = {
         "torchrun": ["torchrun", "--nproc_per_node", str(ranks), "--master_port", port, "-m"],
         "deepspeed": ["deepspeed", "--num_gpus", str(ranks), "--master_port", port, "--module"],
@@ -264,7 +269,8 @@ def test_an_export_loads_in_stock_peft_and_reproduces_the_trained_model(
 
     from gama_ds.data.collate import Collator
     from gama_ds.data.stream import StreamConfig, StreamLoader, TrainStream, open_sets
-    from gama_ds.train.export import export, load_export
+    from gama_ds.exported import load_export
+    from gama_ds.train.export import export
 
     out = tmp_path / "export"
     export(str(shards / stage), str(out), merge=True)
@@ -299,8 +305,9 @@ def test_an_export_loads_in_stock_peft_and_reproduces_the_trained_model(
 def test_the_next_stage_starts_from_the_previous_export(shards, zero2, tmp_path):
     from safetensors.torch import load_file
 
+    from gama_ds.exported import load_init
     from gama_ds.model.build import build_model
-    from gama_ds.train.export import export, load_init
+    from gama_ds.train.export import export
 
     export(str(shards / "zero2"), str(tmp_path / "stage_a"))
     model = build_model(load_recipe("tiny").model)
@@ -313,12 +320,100 @@ def test_the_next_stage_starts_from_the_previous_export(shards, zero2, tmp_path)
     for name, tensor in adapter.items():
         ours = name.replace(".weight", ".default.weight")
         torch.testing.assert_close(lora[ours], tensor, msg=name)
-    # And a real next stage trains from it.
-    losses, _ = run(
-        shards,
-        tmp_path / "stage_b",
-        "plain",
-        [f"train.init={tmp_path / 'stage_a'}", "train.max_steps=2"],
-        ranks=1,
+    # And a real next stage trains from it, on ZeRO-2 and on ZeRO-3 (the LLM built partitioned,
+    # the init loaded before deepspeed.initialize): the same losses from the first step on.
+    init = [f"train.init={tmp_path / 'stage_a'}", "train.max_steps=2", *DROPOUT]
+    zero3 = ["deepspeed.zero_stage=3", "deepspeed.param_persistence_threshold=0"]
+    losses2, _ = run(shards, tmp_path / "stage_b2", "torchrun", init)
+    losses3, run3 = run(shards, tmp_path / "stage_b3", "torchrun", [*init, *zero3])
+    assert sorted(losses3) == [1, 2] and run3["llm_share_on_rank0"] == pytest.approx(0.5, abs=0.02)
+    for step in (1, 2):
+        assert losses3[step] == pytest.approx(losses2[step], rel=2e-4), step
+    assert losses2[1] < zero2[0][1] - 0.1  # it starts where stage a ended (about 6.07), not afresh (6.30)
+
+
+def test_zero3_builds_the_llm_partitioned_and_as_one_process_does(shards, zero3, tmp_path):
+    """Each rank holds only its share of the LLM from the build on; gathered, the LLM, the audio
+    modules and LoRA are what a one-process build draws from the seed, which is also what the
+    export writes as the base LLM. In the engine's dtype, all of it."""
+    from safetensors.torch import load_file
+
+    from gama_ds.config import Recipe, from_dict
+    from gama_ds.model.build import build_model
+    from gama_ds.model.weights import parameter_groups
+    from gama_ds.train.export import export
+    from gama_ds.train.loop import seed_everything
+
+    export(str(shards / "zero3"), str(tmp_path / "export"))
+    probe(shards / "zero3", tmp_path, ["fp32", "bf16"])
+    recipe = from_dict(Recipe, json.load(open(shards / "zero3" / "run.json"))["recipe"])
+    for rank in (0, 1):
+        report = json.load(open(tmp_path / f"rank{rank}.json"))
+        for precision, dtype in (("fp32", "float32"), ("bf16", "bfloat16")):
+            built = report[precision]
+            assert built["llm_partitioned"] and not built["rest_partitioned"]
+            assert built["llm_elements_held"] <= built["llm_elements"] / 2 + 1000  # its share, padded
+            assert built["dtypes"] == [f"torch.{dtype}"] and built["model_dtype"] == dtype
+    exported_llm = load_file(tmp_path / "export" / "llm" / "model.safetensors")
+    for precision, dtype in (("fp32", "float32"), ("bf16", "bfloat16")):
+        recipe.model.dtype = dtype
+        seed_everything(recipe.train.seed)
+        model = build_model(recipe.model)  # one process, no DeepSpeed: what the export rebuilds
+        groups = parameter_groups(model)
+        for rank in (0, 1):
+            gathered = load_file(tmp_path / f"{precision}-rank{rank}.safetensors")
+            for name, p in model.named_parameters():
+                key = name if groups[name] != "llm" else name[4:].removeprefix("base_model.model.")
+                key = key.replace(".base_layer.", ".")
+                torch.testing.assert_close(gathered[key], p.detach(), rtol=0, atol=0, msg=f"{rank} {key}")
+                if precision == "fp32" and groups[name] == "llm":
+                    torch.testing.assert_close(gathered[key], exported_llm[key], rtol=0, atol=0, msg=key)
+
+
+def probe(run_dir, out, precisions, llm=None):
+    """tests/partitioned_probe.py on 2 ranks: the run's model built as its training built it."""
+    script = os.path.join(os.path.dirname(__file__), "partitioned_probe.py")
+    cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", free_port(), script]
+    environment = dict(env(), **({"PROBE_LLM": str(llm)} if llm else {}))
+    done = subprocess.run(
+        [*cmd, str(run_dir), str(out), *precisions],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
-    assert sorted(losses) == [1, 2]
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+
+
+def test_zero3_ranks_read_their_own_shares_of_a_model_folder(shards, zero3, tmp_path):
+    """A model folder (fp16 on disk, bf16 in training): each rank reads only its share of each
+    weight, and gathered they are the folder's weights; audio modules and LoRA as one process
+    draws them from the seed with that folder."""
+    from safetensors.torch import load_file
+    from transformers import LlamaForCausalLM
+
+    from gama_ds.config import Recipe, from_dict
+    from gama_ds.model.build import build_model
+    from gama_ds.model.llm import llm_config
+    from gama_ds.train.loop import seed_everything
+
+    folder = tmp_path / "llama"
+    torch.manual_seed(7)
+    # 509 x 64: a share boundary falls inside a row of the embedding.
+    LlamaForCausalLM(llm_config("tiny", vocab_size=509)).half().save_pretrained(folder)
+    probe(shards / "zero3", tmp_path, ["bf16"], llm=folder)
+    on_disk = load_file(folder / "model.safetensors")
+    recipe = from_dict(Recipe, json.load(open(shards / "zero3" / "run.json"))["recipe"])
+    recipe.model.llm, recipe.model.dtype = str(folder), "bfloat16"
+    seed_everything(recipe.train.seed)
+    model = build_model(recipe.model)  # one process: transformers' own loader
+    for rank in (0, 1):
+        report = json.load(open(tmp_path / f"rank{rank}.json"))["bf16"]
+        assert report["llm_partitioned"] and report["dtypes"] == ["torch.bfloat16"]
+        gathered = load_file(tmp_path / f"bf16-rank{rank}.safetensors")
+        for name, tensor in on_disk.items():
+            torch.testing.assert_close(gathered[name], tensor.to(torch.bfloat16), rtol=0, atol=0, msg=name)
+        rest = [(n, p) for n, p in model.named_parameters() if n in gathered]  # audio modules, LoRA
+        assert len(rest) > 100
+        for name, p in rest:
+            torch.testing.assert_close(gathered[name], p.detach(), rtol=0, atol=0, msg=name)

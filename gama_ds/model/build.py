@@ -10,17 +10,26 @@ from .weights import set_trainable
 
 
 def build_model(
-    cfg, vocab_size: int | None = None, compute_dtype=None, load_weights: bool = True
+    cfg,
+    vocab_size: int | None = None,
+    compute_dtype=None,
+    load_weights: bool = True,
+    llm=None,
 ) -> GamaModel:
     """LLM (preset or folder) + audio modules + LoRA + trainable groups, on the current device.
 
     `compute_dtype` is the precision the model will run in (the engine's), which picks the
     attention kernel. With `load_weights=False` under `torch.device("meta")` nothing is
-    allocated or read, which is how `gama-ds estimate` sizes a 7B model in seconds. Build
-    outside `deepspeed.zero.Init`: the audio modules initialise their weights in place.
+    allocated or read, which is how `gama-ds estimate` sizes a 7B model in seconds.
+    `llm`: the LLM, built by the caller (`build_llm`) in its own way, e.g. partitioned as it is
+    built (gama_ds/train/partitioned.py); the audio modules, initialised in place, stay out of that.
+
+    The LLM is built first, then the audio modules and LoRA draw their initial values from the
+    random state it leaves.
     """
     cfg.check()
-    llm = build_llm(cfg.llm, cfg.dtype, cfg.attn_implementation, vocab_size, compute_dtype, load_weights)
+    if llm is None:
+        llm = build_llm(cfg.llm, cfg.dtype, cfg.attn_implementation, vocab_size, compute_dtype, load_weights)
     audio_cls = GamaAudio if cfg.variant == "gama" else LtuAudio
     audio = audio_cls(cfg, llm.config.hidden_size).to(DTYPES[cfg.dtype])
     if cfg.gradient_checkpointing:
@@ -37,7 +46,9 @@ def build_model(
             bias="none",
             task_type="CAUSAL_LM",
         )
-        llm = peft.get_peft_model(llm, lora)
+        # LoRA in the LLM's dtype, as everything else: peft would upcast a 16-bit adapter to fp32,
+        # and an engine given a model built partitioned (ZeRO-3) casts nothing afterwards.
+        llm = peft.get_peft_model(llm, lora, autocast_adapter_dtype=False)
     model = GamaModel(audio, llm)
     set_trainable(model, cfg.trainable)
     return model

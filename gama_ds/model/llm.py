@@ -10,7 +10,7 @@ import logging
 import os
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from ..config import ConfigError, ModelConfig, choices
 
@@ -96,11 +96,24 @@ def build_llm(
     vocab_size: int | None = None,
     compute_dtype: torch.dtype | None = None,
     load_weights: bool = True,
+    preset_weights: dict[str, torch.Tensor] | None = None,
 ):
     """A causal LM: the folder's weights for a path, random weights for a preset (or for any
-    model when `load_weights` is False, as on the meta device)."""
+    model when `load_weights` is False, as on the meta device).
+
+    `preset_weights` gives a preset the state dict of one built earlier (same name, vocabulary
+    and dtype): drawn once from the seed and handed in, rather than drawn here. Only their
+    names and shapes are used wherever the loader reads values on one process alone (the
+    others may pass meta tensors)."""
     torch_dtype = DTYPES[dtype]
     attn_impl = choose_attention(attn, compute_dtype or torch_dtype)
+    if preset_weights is not None:
+        if not is_preset(name):
+            raise ValueError(f"preset_weights are for an LLM preset, not for the folder {name}")
+        config = llm_config(name, vocab_size)  # every preset is a Llama
+        return LlamaForCausalLM.from_pretrained(
+            None, config=config, state_dict=preset_weights, attn_implementation=attn_impl, dtype=torch_dtype
+        )
     if is_preset(name) or not load_weights:
         config = llm_config(name, vocab_size)
         return AutoModelForCausalLM.from_config(config, attn_implementation=attn_impl, dtype=torch_dtype)

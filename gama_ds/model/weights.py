@@ -11,6 +11,7 @@ trainable.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -203,7 +204,8 @@ def import_reference(
             report.fresh.append(name)
         else:
             report.missing.append(name)
-    partitioned = [n for n in mapped if hasattr(ours[n], "ds_id")]
+    # A parameter holding less than its shape is a ZeRO-3 share: copying into it would fail.
+    partitioned = [n for n in mapped if ours[n].numel() != math.prod(_shape(ours[n]))]
     if partitioned:
         raise ValueError(
             f"{len(partitioned)} parameters (e.g. {partitioned[0]}) are ZeRO-3 partitions; import the "

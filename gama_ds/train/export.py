@@ -1,13 +1,8 @@
-"""Export a training checkpoint to files that stock libraries load, and load them back.
+"""Export a training checkpoint to files that stock libraries load.
 
-An export folder holds:
-  gama_ds.json         the architecture, aggregator mode, feature recipe, prompt settings, base LLM
-  audio.safetensors    every audio module (encoder, aggregator, Q-Former, projections)
-  adapter/             the LoRA adapter, for `peft.PeftModel.from_pretrained(base_llm, adapter)`
-  llm/                 the base LLM, when it was a preset rather than a model folder
-  tokenizer/           the tokenizer
-  merged/              with --merge: the LLM with LoRA merged, for `AutoModelForCausalLM`
-It is what the next stage's `train.init` names, and what generation loads.
+The folder's layout, and reading it back (`load_export`, `load_init`), are gama_ds/exported.py's:
+inference needs nothing from training. The export is what the next stage's `train.init` names,
+and what generation loads.
 """
 
 from __future__ import annotations
@@ -19,20 +14,13 @@ from dataclasses import asdict
 import torch
 
 from .. import __version__, audio
-from ..config import ConfigError, ModelConfig, Recipe, from_dict
+from ..config import ConfigError, Recipe, from_dict
 from ..data.tokenizer import load_tokenizer
-from ..errors import CheckpointError, WeightsError
+from ..errors import CheckpointError
+from ..exported import FORMAT, INFO, load_init
 from ..model.build import build_model
 from ..model.llm import build_llm, is_preset
-from ..model.weights import import_reference_path
 from .checkpoint import COMPLETE, latest_complete
-
-INFO = "gama_ds.json"
-FORMAT = "gama_ds.export"
-
-
-def is_export(path: str | None) -> bool:
-    return bool(path) and os.path.isfile(os.path.join(path, INFO))
 
 
 def find_checkpoint(path: str) -> tuple[str, str, str]:
@@ -56,26 +44,6 @@ def rebuild(recipe: Recipe) -> torch.nn.Module:
     if recipe.train.init is not None:
         load_init(model, recipe.train.init)
     return model
-
-
-def load_init(model, path: str) -> None:
-    """A gama-ds export or a reference GAMA/LTU checkpoint, into a freshly built model."""
-    if is_export(path):
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        model.audio.load_state_dict(load_file(os.path.join(path, "audio.safetensors")))
-        adapter = os.path.join(path, "adapter", "adapter_model.safetensors")
-        if os.path.exists(adapter) and hasattr(model.llm, "peft_config"):
-            result = set_peft_model_state_dict(model.llm, load_file(adapter))
-            if result.unexpected_keys:
-                raise WeightsError(
-                    f"{path}: adapter tensors the model has no place for: {result.unexpected_keys[:4]}"
-                )
-        return
-    report = import_reference_path(model, path)
-    if not report.ok:
-        raise WeightsError(f"train.init {path}: {report.problems()}")
 
 
 def export(path: str, out: str, merge: bool = False) -> dict:
@@ -143,29 +111,3 @@ def write_export(model, recipe: Recipe, out: str, source: dict, merge: bool = Fa
     with open(os.path.join(out, INFO), "w", encoding="utf-8") as f:
         json.dump(info, f, indent=1)
     return info
-
-
-def load_export(path: str):
-    """(model, tokenizer, info) from an export folder, with stock transformers and peft."""
-    from peft import PeftModel
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
-
-    from ..model.gama import GamaAudio, GamaModel, LtuAudio
-
-    with open(os.path.join(path, INFO), encoding="utf-8") as f:
-        info = json.load(f)
-    cfg = from_dict(ModelConfig, info["model"])
-    llm_dir = (
-        cfg.llm
-        if os.path.isabs(cfg.llm) or not os.path.isdir(os.path.join(path, cfg.llm))
-        else os.path.join(path, cfg.llm)
-    )
-    llm = AutoModelForCausalLM.from_pretrained(llm_dir, attn_implementation="sdpa")
-    if info["lora"]:
-        llm = PeftModel.from_pretrained(llm, os.path.join(path, "adapter"))
-    audio_cls = GamaAudio if cfg.variant == "gama" else LtuAudio
-    audio_modules = audio_cls(cfg, llm.config.hidden_size)
-    audio_modules.load_state_dict(load_file(os.path.join(path, "audio.safetensors")))
-    tokenizer = load_tokenizer(os.path.join(path, "tokenizer"))
-    return GamaModel(audio_modules, llm).eval(), tokenizer, info

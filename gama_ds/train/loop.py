@@ -25,11 +25,11 @@ from ..data.collate import Collator
 from ..data.stream import StreamLoader, TrainStream, open_sets
 from ..data.tokenizer import load_tokenizer
 from ..errors import CheckpointError
-from ..model.build import build_model
+from ..exported import load_init
 from . import checkpoint
 from .engine import initialize
-from .export import load_init
 from .metrics import Metrics, device_peak_flops, flops_per_sample, flops_per_token
+from .partitioned import build_for_training, gathered_for_init
 from .preflight import RUN_FILE, eval_stream_config, preflight, stream_config
 
 log = logging.getLogger("gama_ds.train")
@@ -210,8 +210,9 @@ def train(recipe_path: str, overrides: list[str] = (), resume: str | None = None
     if recipe.model.dtype == "float32" and plan.precision == "bf16":
         # DeepSpeed's bf16 mode casts the weights anyway: building in bf16 halves host memory.
         recipe.model.dtype = "bfloat16"
-    model = build_model(
-        recipe.model, compute_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.precision)
+    # ZeRO-3: built partitioned; `zero3_config` must live until deepspeed.initialize (partitioned.py)
+    model, zero3_config = build_for_training(
+        recipe.model, plan.ds_config, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.precision)
     )
     if len(tokenizer) > model.llm.config.vocab_size:
         raise ConfigError(
@@ -219,7 +220,8 @@ def train(recipe_path: str, overrides: list[str] = (), resume: str | None = None
             f"{plan.llm_source} only {model.llm.config.vocab_size}; give the LLM's own tokenizer"
         )
     if recipe.train.init is not None:
-        load_init(model, recipe.train.init)  # a gama-ds export, or a reference checkpoint
+        with gathered_for_init(model):
+            load_init(model, recipe.train.init)  # a gama-ds export, or a reference checkpoint
         log.info("initialised from %s", recipe.train.init)
 
     # -- 3. the data: one global order of examples, each rank its micro-batches of every global batch
