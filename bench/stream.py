@@ -32,6 +32,7 @@ from gama_ds.data.tokenizer import byte_tokenizer  # noqa: E402
 
 WORDS = "the a dog barks loudly while rain falls on metal roof and cars pass by in distance".split()
 MICRO = 8
+GLOBAL = 64  # bucketing sorts runs of micro-batches inside a global batch
 
 
 def qa_records(clips: list[str], seed: int = 0) -> list[dict]:
@@ -98,7 +99,9 @@ def main(n_clips: int = 96, repeats: int = 2) -> None:
 
         results = {"shards": [], "reference": []}
         for _ in range(repeats):
-            stream = TrainStream(sets, StreamConfig(micro_batch=MICRO), collator, 0, 1, 2)
+            stream = TrainStream(
+                sets, StreamConfig(micro_batch=MICRO, global_batch=GLOBAL), collator, 0, 1, 2
+            )
             results["shards"].append(timed(StreamLoader(stream)))
             ref = DataLoader(
                 ReferenceStyle(rows),
@@ -121,7 +124,12 @@ def main(n_clips: int = 96, repeats: int = 2) -> None:
 
         for bucket in (1, 8):
             stream = TrainStream(
-                sets, StreamConfig(micro_batch=MICRO, bucket_batches=bucket), collator, 0, 1, 0
+                sets,
+                StreamConfig(micro_batch=MICRO, global_batch=GLOBAL, bucket_batches=bucket),
+                collator,
+                0,
+                1,
+                0,
             )
             pads = [float(b["pad_fraction"]) for b in StreamLoader(stream)]
             print(f"  padded text-token fraction, bucket_batches={bucket}: {statistics.mean(pads):.3f}")
