@@ -233,7 +233,15 @@ def train(recipe_path: str, overrides: list[str] = (), resume: str | None = None
     epoch_steps = [loader.batches_in_epoch(e) // plan.accumulation for e in range(recipe.train.epochs)]
     total_steps = recipe.train.max_steps or sum(epoch_steps)
 
-    # -- 4. DeepSpeed
+    # -- 4. DeepSpeed, told beforehand whether the checkpoint to resume comes from another world size
+    tag = None
+    if resume is not None:
+        # Rank 0 decides, so that ranks with stale directory listings (NFS) load the same tag.
+        choice = [checkpoint.latest_complete(ckpt_dir) if resume == "auto" else resume]
+        dist.broadcast_object_list(choice, src=0)
+        tag = choice[0]
+        if tag is not None:
+            checkpoint.prepare_resume(ckpt_dir, tag, world, plan.ds_config)
     engine, scheduler = initialize(model, recipe, plan.ds_config, total_steps)
     device = engine.device
     if is_main:
@@ -259,18 +267,13 @@ def train(recipe_path: str, overrides: list[str] = (), resume: str | None = None
 
     # -- 5. resume
     step = 0
-    if resume is not None:
-        # Rank 0 decides, so that ranks with stale directory listings (NFS) load the same tag.
-        choice = [checkpoint.latest_complete(ckpt_dir) if resume == "auto" else resume]
-        dist.broadcast_object_list(choice, src=0)
-        tag = choice[0]
-        if tag is not None:
-            state = checkpoint.load(engine, ckpt_dir, tag)
-            if state.get("recipe_hash") != digest:
-                raise RuntimeError(f"{ckpt_dir}/{tag} was written by another recipe")
-            step = state["step"]
-            note = loader.load_state_dict(state["stream"])
-            log.info("resumed from %s at step %d%s", tag, step, f" ({note})" if note else "")
+    if tag is not None:
+        state = checkpoint.load(engine, ckpt_dir, tag)
+        if state.get("recipe_hash") != digest:
+            raise RuntimeError(f"{ckpt_dir}/{tag} was written by another recipe")
+        step = state["step"]
+        note = loader.load_state_dict(state["stream"])
+        log.info("resumed from %s at step %d%s", tag, step, f" ({note})" if note else "")
 
     # -- 6. the loop
     metrics = Metrics(out_dir, is_main, recipe.logging.tensorboard, after_step=step)
