@@ -118,11 +118,17 @@ def saved_world_size(ckpt_dir: str, tag: str) -> int:
     """The number of ranks that wrote `tag`: its marker says so; older checkpoints, whose marker
     does not, have one ZeRO optimizer file per rank."""
     folder = os.path.join(ckpt_dir, tag)
+    marker = os.path.join(folder, COMPLETE)
+    if not os.path.exists(marker):
+        raise RuntimeError(
+            f"{folder} is not a complete checkpoint (no {COMPLETE} marker: its save was interrupted); "
+            f"complete ones: {', '.join(complete_tags(ckpt_dir)) or 'none'}"
+        )
     try:
-        with open(os.path.join(folder, COMPLETE), encoding="utf-8") as f:
+        with open(marker, encoding="utf-8") as f:
             recorded = json.load(f).get("world_size")
     except (OSError, json.JSONDecodeError) as err:
-        raise RuntimeError(f"{folder}/{COMPLETE}: {err}") from err
+        raise RuntimeError(f"{marker}: {err}") from err
     if recorded is not None:
         return int(recorded)
     count = sum(1 for name in os.listdir(folder) if _OPTIM_FILE.match(name))
