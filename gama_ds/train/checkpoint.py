@@ -213,10 +213,15 @@ def load(engine, ckpt_dir: str, tag: str) -> dict:
         path, client_state = engine.load_checkpoint(
             os.path.join(ckpt_dir, tag), tag=UNIVERSAL, load_module_strict=False
         )
-        # ZeRO-3's universal loader gives every parameter group the first group's hyperparameters;
-        # the scheduler, restored too, knows each group's own learning rate.
+        # Two slips of ZeRO-3's universal loader (DeepSpeed 0.19.8), undone here. It gives every
+        # parameter group the first group's hyperparameters (ours differ in the learning rate
+        # only, which the restored scheduler knows per group), and it hands every partition the
+        # same step tensor, which torch's Adam then advances in place once per group and step.
         for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr(), strict=True):
             group["lr"] = lr
+        for state in engine.optimizer.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
     else:
         path, client_state = engine.load_checkpoint(ckpt_dir, tag=tag, load_module_strict=False)
     if path is None:
