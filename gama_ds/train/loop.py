@@ -45,13 +45,16 @@ def dist_env() -> tuple[int, int, int]:
 
 
 def recipe_hash(recipe: Recipe) -> str:
-    """What decides the training trajectory; where it writes, how often it logs or saves and
-    how the shard paths are spelled do not count, so a moved run still resumes."""
+    """What decides the training trajectory; where it writes, how often it logs or saves, how
+    the shard paths are spelled and how many DataLoader workers read them do not count, so a
+    moved run still resumes, on any number of ranks and workers."""
     d = asdict(recipe)
     for section in ("logging", "checkpoint"):
         d.pop(section)
     d["train"].pop("output_dir")
     d["train"].pop("eval_every_steps")
+    d["data"].pop("num_workers")
+    d["data"].pop("start_method")
     for part in ("train", "eval"):
         d["data"][part] = [dict(s, path=os.path.realpath(s["path"])) for s in d["data"][part]]
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -239,7 +242,15 @@ def train(recipe_path: str, overrides: list[str] = (), resume: str | None = None
     epoch_steps = [loader.batches_in_epoch(e) // plan.accumulation for e in range(recipe.train.epochs)]
     total_steps = recipe.train.max_steps or sum(epoch_steps)
 
-    # -- 4. DeepSpeed
+    # -- 4. DeepSpeed, told beforehand whether the checkpoint to resume comes from another world size
+    tag = None
+    if resume is not None:
+        # Rank 0 decides, so that ranks with stale directory listings (NFS) load the same tag.
+        choice = [checkpoint.latest_complete(ckpt_dir) if resume == "auto" else resume]
+        dist.broadcast_object_list(choice, src=0)
+        tag = choice[0]
+        if tag is not None:
+            checkpoint.prepare_resume(ckpt_dir, tag, world, plan.ds_config)
     engine, scheduler = initialize(model, recipe, plan.ds_config, total_steps)
     device = engine.device
     if is_main:
@@ -265,21 +276,16 @@ def train(recipe_path: str, overrides: list[str] = (), resume: str | None = None
 
     # -- 5. resume
     step = 0
-    if resume is not None:
-        # Rank 0 decides, so that ranks with stale directory listings (NFS) load the same tag.
-        choice = [checkpoint.latest_complete(ckpt_dir) if resume == "auto" else resume]
-        dist.broadcast_object_list(choice, src=0)
-        tag = choice[0]
-        if tag is not None:
-            state = checkpoint.load(engine, ckpt_dir, tag)
-            if state.get("recipe_hash") != digest:
-                raise CheckpointError(
-                    f"{ckpt_dir}/{tag} was written by another recipe; resume with the recipe and "
-                    "overrides in its run.json, or train into another train.output_dir"
-                )
-            step = state["step"]
-            note = loader.load_state_dict(state["stream"])
-            log.info("resumed from %s at step %d%s", tag, step, f" ({note})" if note else "")
+    if tag is not None:
+        state = checkpoint.load(engine, ckpt_dir, tag)
+        if state.get("recipe_hash") != digest:
+            raise CheckpointError(
+                f"{ckpt_dir}/{tag} was written by another recipe; resume with the recipe and "
+                "overrides in its run.json, or train into another train.output_dir"
+            )
+        step = state["step"]
+        note = loader.load_state_dict(state["stream"])
+        log.info("resumed from %s at step %d%s", tag, step, f" ({note})" if note else "")
 
     # -- 6. the loop
     metrics = Metrics(out_dir, is_main, recipe.logging.tensorboard, after_step=step)

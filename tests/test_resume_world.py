@@ -1,0 +1,163 @@
+"""Resume on another world size: a checkpoint written by N ranks continues on M ranks, ZeRO-2 and
+ZeRO-3 (real DeepSpeed on CPU ranks, the tiny recipe, real shards).
+
+Each run goes through tests/train_and_dump.py, the trainer unchanged plus a dump of the gathered
+trainable weights, Adam moments, optimizer steps and learning rates right after every checkpoint
+save and load, so that the state a resumed engine holds is compared with the state that was saved.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import synth_shards, train_env
+from gama_ds.train.checkpoint import COMPLETE, UNIVERSAL, saved_world_size
+
+BIN = os.path.dirname(sys.executable)
+RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_and_dump.py")
+EPOCH = 4  # 16 clips x 4 QA pairs = 64 examples per epoch, global batch 16: 4 steps
+COMMON = [
+    "train.epochs=3",
+    "logging.every_steps=1",
+    "logging.tensorboard=false",
+    "logging.plot=false",
+    "checkpoint.every_steps=1000",
+    "checkpoint.keep=3",  # the hops' checkpoints stay for the checks
+    # Groups of their own learning rate: ZeRO-3's universal loader would give them all the first's.
+    "optim.group_lr={projections: 2.0e-3, lora: 5.0e-4}",
+    "model.audio.aggregator_dropout=0.0",  # dropout off: 1 and 2 ranks draw different masks
+]
+STAGES = {2: [], 3: ["deepspeed.zero_stage=3", "deepspeed.param_persistence_threshold=0"]}
+
+
+def free_port() -> int:
+    # Other test runs share this machine: ask the system for a port nobody holds.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("resume_world")
+    synth_shards(tmp, clips=16, test_clips=4, seed=0)
+    return tmp  # 4 training shards x 4 clips
+
+
+def run(shards, out, ranks: int, overrides=(), extra=()) -> dict[int, dict]:
+    """Train under `ranks` processes; this run's metrics records by step."""
+    args = ["tiny", f"data.train=[{{path: {shards / 'train'}}}]", f"train.output_dir={out}", *COMMON]
+    args += [*overrides, *extra]
+    port = str(free_port())
+    if ranks > 1:
+        cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", str(ranks), "--master_port", port]
+        cmd += [RUNNER, *args]
+    else:
+        cmd = [sys.executable, RUNNER, *args]
+    metrics = os.path.join(out, "metrics.jsonl")
+    before = len(open(metrics).readlines()) if os.path.exists(metrics) else 0
+    env = dict(train_env(), MASTER_PORT=port)  # the port of a plain one-rank process too
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:  # not an AssertionError: the expected failure below must not cover it
+        raise RuntimeError(done.stdout[-3000:] + done.stderr[-5000:])
+    records = [json.loads(line) for line in open(metrics).readlines()[before:]]
+    return {r["step"]: r for r in records if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shards):
+    """Three epochs on two ranks, ZeRO-2 (ZeRO-3 follows the same trajectory: test_train.py)."""
+    return run(shards, shards / "uninterrupted", 2, STAGES[2])
+
+
+@pytest.fixture(scope="module")
+def requeued(shards):
+    """stage -> (output folder, records by step): a job requeued twice on another node count, at
+    epoch ends: 2 ranks stop at step 4, 1 rank continues to step 8, 2 ranks finish. Runs once."""
+    done = {}
+
+    def get(stage: int):
+        if stage not in done:
+            out = shards / f"zero{stage}"
+            records = run(shards, out, 2, STAGES[stage], ["--stop-at", str(EPOCH)])
+            records.update(
+                run(shards, out, 1, STAGES[stage], ["--resume", "auto", "--stop-at", str(2 * EPOCH)])
+            )
+            records.update(run(shards, out, 2, STAGES[stage], ["--resume", "auto"]))
+            assert sorted(records) == list(range(1, 3 * EPOCH + 1))
+            done[stage] = out, records
+        return done[stage]
+
+    return get
+
+
+# (stage, the step of the checkpoint, the world size that wrote it, the one that resumed it)
+HOPS = [(stage, step, n, m) for stage in STAGES for step, n, m in ((EPOCH, 2, 1), (2 * EPOCH, 1, 2))]
+
+
+@pytest.mark.parametrize("stage, step, saved_on, resumed_on", HOPS)
+def test_the_state_crosses_world_sizes_intact(requeued, uninterrupted, stage, step, saved_on, resumed_on):
+    out, records = requeued(stage)
+    ckpt, tag = out / "checkpoints", f"step-{step:08d}"
+    assert saved_world_size(str(ckpt), tag) == saved_on  # recorded in the COMPLETE marker
+    assert json.loads((ckpt / tag / COMPLETE).read_text())["world_size"] == saved_on
+    assert (ckpt / tag / UNIVERSAL).is_dir()  # converted for the other world size
+    dumps = out / "dumps"
+    saved = load_file(dumps / f"save-{tag}.safetensors")
+    loaded = load_file(dumps / f"load-{tag}.safetensors")
+    # Trainable weights and both Adam moments, gathered, bit for bit: nothing is recomputed.
+    assert sorted(saved) == sorted(loaded)
+    names = [k.split("/", 1)[1] for k in saved if k.startswith("fp32/")]
+    assert any(".lora_A." in n for n in names) and any(n.startswith("audio.") for n in names)
+    assert not any("embed_tokens" in n for n in names)  # the frozen LLM is not part of it
+    for key in saved:
+        assert torch.equal(saved[key], loaded[key]), key
+    assert all(saved[f"exp_avg_sq/{n}"].abs().sum() > 0 for n in names)  # real moments, not fresh zeros
+    before = json.loads((dumps / f"save-{tag}.json").read_text())
+    after = json.loads((dumps / f"load-{tag}.json").read_text())
+    assert (before["world_size"], after["world_size"]) == (saved_on, resumed_on)
+    assert before["optimizer_steps"] == after["optimizer_steps"] == [step]  # Adam's bias correction
+    assert after["lr"] == before["lr"] and after["global_steps"] == step
+    # The schedule goes on as in the uninterrupted run.
+    for s in range(step + 1, step + EPOCH + 1):
+        assert records[s]["lr"] == pytest.approx(uninterrupted[s]["lr"], rel=1e-9), s
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="until the world-size-free stream lands: today 1 and 2 readers deal different global "
+    "batches, so the runs after a resume train on other batches (the state is checked above)",
+)
+@pytest.mark.parametrize("stage", STAGES)
+def test_losses_after_each_resume_follow_the_uninterrupted_run(requeued, uninterrupted, stage):
+    _, records = requeued(stage)
+    for step, record in records.items():
+        # fp32, dropout off: only the order of the reductions differs (1 vs 2 ranks, ZeRO-2 vs 3).
+        assert record["loss"] == pytest.approx(uninterrupted[step]["loss"], rel=2e-4), step
+
+
+def test_the_world_size_of_a_checkpoint_is_read_from_its_marker_or_its_files(tmp_path):
+    ckpt = tmp_path / "checkpoints"
+    new, old, cut = ckpt / "step-00000002", ckpt / "step-00000004", ckpt / "step-00000006"
+    for folder in (new, old, cut):
+        folder.mkdir(parents=True)
+    (new / COMPLETE).write_text(json.dumps({"step": 2, "recipe": "x", "world_size": 16}))
+    # Written before the marker recorded it: one ZeRO optimizer file per rank tells.
+    (old / COMPLETE).write_text(json.dumps({"step": 4, "recipe": "x"}))
+    for rank in range(3):
+        (old / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"")
+    (old / "mp_rank_00_model_states.pt").write_bytes(b"")
+    assert saved_world_size(str(ckpt), new.name) == 16
+    assert saved_world_size(str(ckpt), old.name) == 3
+    # A save that died half-way is refused by name, with the ones that can be resumed.
+    with pytest.raises(RuntimeError, match=r"step-00000006 is not a complete checkpoint.*step-00000002"):
+        saved_world_size(str(ckpt), cut.name)
