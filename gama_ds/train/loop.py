@@ -28,7 +28,7 @@ from ..errors import CheckpointError
 from ..exported import load_init
 from . import checkpoint
 from .engine import initialize
-from .metrics import Metrics, device_peak_flops, flops_per_sample, flops_per_token
+from .metrics import ExampleTrace, Metrics, device_peak_flops, flops_per_sample, flops_per_token
 from .partitioned import build_for_training, gathered_for_init
 from .preflight import RUN_FILE, eval_stream_config, preflight, stream_config
 
@@ -289,6 +289,7 @@ def train(recipe_path: str, overrides: list[str] = (), resume: str | None = None
 
     # -- 6. the loop
     metrics = Metrics(out_dir, is_main, recipe.logging.tensorboard, after_step=step)
+    trace = ExampleTrace(out_dir, rank, recipe.logging.trace_examples, after_step=step)
     stop = StopSignal()
     audio_tokens = model.num_audio_tokens
     flops_token, flops_sample = flops_per_token(model), flops_per_sample(model)
@@ -315,12 +316,14 @@ def train(recipe_path: str, overrides: list[str] = (), resume: str | None = None
             micro += 1
             tokens += int(batch["text_tokens"]) + audio_tokens * len(batch["keys"])
             samples += len(batch["keys"])
+            trace.add(batch["keys"])
             bad_samples += int(batch["bad_samples"])
             pads.append(float(batch["pad_fraction"]))
             if micro % plan.accumulation:
                 continue
             step += 1  # an optimizer step happened
             bar.update(1)
+            trace.step(step)
             if loader.at_epoch_end:
                 # A whole epoch: what it held, what was trained on, what was left over.
                 bad = int(sum_over_ranks([float(bad_samples)], device)[0])
