@@ -231,7 +231,7 @@ def test_a_preemption_signal_saves_a_checkpoint_and_resume_auto_continues(shards
 def test_the_resource_tracker_survives_slurms_usr1_warning():
     # --signal=USR1@T reaches every process of a Slurm step; the tracker must ignore it or die.
     probe = (
-        "from gama_ds.train.loop import _start_resource_tracker_deaf_to_usr1 as start\n"
+        "from gama_ds.train.distributed import _start_resource_tracker_deaf_to_usr1 as start\n"
         "from multiprocessing import resource_tracker\n"
         "start()\n"
         "status = open(f'/proc/{resource_tracker._resource_tracker._pid}/status').read()\n"
