@@ -322,3 +322,114 @@ def test_the_next_stage_starts_from_the_previous_export(shards, zero2, tmp_path)
         ranks=1,
     )
     assert sorted(losses) == [1, 2]
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_one_logging_step_and_resume_continues(shards):
+    """SIGUSR1 to rank 1 alone: its vote travels in the logging all-reduce (every 3 steps here),
+    so both ranks stop after the same step, save one complete checkpoint together, and exit 0."""
+    import time
+
+    out = shards / "one_rank_signalled"
+    args = [
+        "tiny",
+        f"data.train=[{{path: {shards / 'train'}}}]",
+        f"train.output_dir={out}",
+        "train.epochs=4",
+        *SAME,
+        "logging.every_steps=3",
+    ]
+    _port[0] += 1
+    cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", str(_port[0]), "-m"]
+    proc = subprocess.Popen(
+        [*cmd, "gama_ds.train", *args],
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 400
+    try:
+        while not (metrics.exists() and metrics.read_text().strip()):
+            assert proc.poll() is None and time.monotonic() < deadline, "no training steps within 400 s"
+            time.sleep(0.05)
+        rank1 = [
+            int(pid)
+            for pid in filter(str.isdigit, os.listdir("/proc"))
+            if _is_rank(int(pid), proc.pid, b"RANK=1")
+        ]
+        assert len(rank1) == 1, rank1
+        os.kill(rank1[0], signal.SIGUSR1)
+        stdout, _ = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0
+    result = json.loads(stdout.strip().splitlines()[-1])
+    step = result["step"]
+    # Rank 0 never had the signal: it stopped because rank 1 voted, at a step where votes are read.
+    assert result["stopped_by"] == "a signal on another rank" and step % 3 == 0 and step < 32, result
+    tag = f"step-{step:08d}"
+    assert complete_tags(str(out / "checkpoints")) == [tag]
+    saved = sorted(p.name for p in (out / "checkpoints" / tag).iterdir())
+    assert [n for n in saved if "optim_states" in n] == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ]
+    before = len(metrics.read_text().splitlines())
+    run(shards, out, "torchrun", ["train.epochs=4", "logging.every_steps=3"], extra=["--resume", "auto"])
+    resumed = [json.loads(line)["step"] for line in metrics.read_text().splitlines()[before:]]
+    assert resumed == [*range(step + 3, 32, 3), 32]  # every 3rd step, and the last
+
+
+def _is_rank(pid: int, session: int, rank: bytes) -> bool:
+    """A training rank (not a DataLoader worker) of the process session `session`."""
+    try:
+        if os.getsid(pid) != session:
+            return False
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"spawn_main" in f.read() or pid == session:
+                return False
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return rank in f.read().split(b"\0")
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("stage", ["zero2.json", "zero3.json", "zero3_offload.json"])
+def test_gradients_are_accumulated_and_reduced_in_fp32_under_bf16(stage):
+    from gama_ds.train.engine import DS_CONFIGS, resolve_ds_config
+
+    recipe = load_recipe("tiny", ["train.precision=bf16", f"deepspeed.config={DS_CONFIGS}/{stage}"])
+    cfg = resolve_ds_config(recipe, 2)
+    assert cfg["bf16"]["enabled"] is True
+    assert cfg["data_types"]["grad_accum_dtype"] == "fp32" and cfg["communication_data_type"] == "fp32"
+
+
+def test_deepspeed_takes_fp32_accumulation_and_reduction_in_a_bf16_run(tmp_path):
+    """The real engine on CPU, bf16 weights: DeepSpeed's ZeRO-2 optimizer accumulates and
+    reduces in fp32, and a step trains."""
+    probe = """
+import torch
+from gama_ds.config import load_recipe
+from gama_ds.model.build import build_model
+from gama_ds.train.distributed import start_process_group
+from gama_ds.train.engine import initialize, resolve_ds_config
+
+recipe = load_recipe("tiny", ["train.precision=bf16", "train.global_batch_size=4"])
+start_process_group(0, 60)
+model = build_model(recipe.model, compute_dtype=torch.bfloat16)
+engine, _ = initialize(model, recipe, resolve_ds_config(recipe, 1), 10)
+print(engine.optimizer.gradient_accumulation_dtype, engine.communication_data_type)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        env={**env(), "MASTER_PORT": "29644"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-2:] == ["torch.float32", "torch.float32"]

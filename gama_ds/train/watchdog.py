@@ -81,15 +81,19 @@ def is_echo(err: BaseException) -> bool:
     if isinstance(err, dist.DistError):
         return True
     text = str(err)
-    return any(
-        s in text
-        for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "DataLoader worker")
-    )
+    if "Original Traceback" in text:  # an exception raised in a DataLoader worker: its own
+        return False
+    echoes = ("Connection closed by peer", "Connection reset", "Broken pipe", "DataLoader worker (pid")
+    return any(s in text for s in echoes)
 
 
 def _describe(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}"[:500]
+    """`Type: first line`; for an error re-raised from a DataLoader worker, the worker's own."""
+    lines = [x for x in str(err).strip().splitlines() if x.strip()]
+    if "Original Traceback" in str(err) and lines:
+        kind, _, message = lines[-1].partition(": ")
+        return f"{kind.rsplit('.', 1)[-1]}: {message}"[:500]
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"[:500]
 
 
 class Watchdog:
@@ -183,8 +187,11 @@ class Watchdog:
                 time.sleep(self.interval)
         record = {"rank": self.rank, **self.me, "what": f"failed: {_describe(err)}", "kind": "error"}
         try:
-            if self._record(record) and self.rank == 0:
-                self._wait_for_readers(record)  # the store lives in this process
+            if self._record(record):
+                if self.rank == 0:
+                    self._wait_for_readers(record)  # the store lives in this process
+                else:
+                    self.store.add("read", 1)
         except dist.DistError:
             pass
         self._own_failure_at = time.monotonic()
@@ -273,8 +280,9 @@ class Watchdog:
         )
 
     def _wait_for_readers(self, record: dict) -> None:
-        """Keep the store (in this process) up until the other ranks have read the record."""
-        others = self.world - 1 - (0 if record["rank"] == 0 else 1)
+        """Keep the store (in this process) up until the other ranks have read the record: all
+        but rank 0, and but a silent failed rank."""
+        others = self.world - 1 - (1 if record["kind"] == "silent" else 0)
         deadline = time.monotonic() + 5 * self.interval + 2
         try:
             while self.store.add("read", 0) < others and time.monotonic() < deadline:
@@ -284,7 +292,8 @@ class Watchdog:
 
     @staticmethod
     def _say(text: str) -> None:
-        print(f"gama-ds train: {text}", file=sys.stderr, flush=True)
+        # On a line of its own: rank 0's progress bar may have left the cursor mid-line.
+        print(f"\ngama-ds train: {text}", file=sys.stderr, flush=True)
 
     @staticmethod
     def _exit() -> None:
