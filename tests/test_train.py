@@ -397,12 +397,18 @@ def _is_rank(pid: int, session: int, rank: bytes) -> bool:
         return False
 
 
-@pytest.mark.parametrize("stage", ["zero2.json", "zero3.json", "zero3_offload.json"])
+@pytest.mark.parametrize(
+    "stage",
+    [
+        ["deepspeed.zero_stage=2"],
+        ["deepspeed.zero_stage=3"],
+        ["deepspeed.zero_stage=3", "deepspeed.offload=true"],
+    ],
+)
 def test_gradients_are_accumulated_and_reduced_in_fp32_under_bf16(stage):
-    from gama_ds.train.engine import DS_CONFIGS, resolve_ds_config
+    from gama_ds.train.engine import resolve_ds_config
 
-    recipe = load_recipe("tiny", ["train.precision=bf16", f"deepspeed.config={DS_CONFIGS}/{stage}"])
-    cfg = resolve_ds_config(recipe, 2)
+    cfg = resolve_ds_config(load_recipe("tiny", ["train.precision=bf16", *stage]), 2)
     assert cfg["bf16"]["enabled"] is True
     assert cfg["data_types"]["grad_accum_dtype"] == "fp32" and cfg["communication_data_type"] == "fp32"
 
@@ -421,6 +427,17 @@ recipe = load_recipe("tiny", ["train.precision=bf16", "train.global_batch_size=4
 start_process_group(0, 60)
 model = build_model(recipe.model, compute_dtype=torch.bfloat16)
 engine, _ = initialize(model, recipe, resolve_ds_config(recipe, 1), 10)
+ids = torch.randint(3, model.llm.config.vocab_size, (4, 12))
+out = engine(
+    fbank=torch.randn(4, 1024, 128),
+    input_ids=ids,
+    attention_mask=torch.ones_like(ids),
+    labels=ids,
+    has_audio=torch.ones(4, dtype=torch.bool),
+)
+engine.backward(out.loss)
+engine.step()
+print(out.loss.dtype, torch.isfinite(out.loss).item())
 print(engine.optimizer.gradient_accumulation_dtype, engine.communication_data_type)
 """
     done = subprocess.run(
@@ -432,4 +449,4 @@ print(engine.optimizer.gradient_accumulation_dtype, engine.communication_data_ty
         cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split()[-2:] == ["torch.float32", "torch.float32"]
+    assert done.stdout.split()[-3:] == ["True", "torch.float32", "torch.float32"], done.stdout
