@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 
+import psutil
 import pytest
 import torch
 
@@ -344,7 +345,7 @@ def test_a_signal_to_one_rank_stops_every_rank_at_one_logging_step_and_resume_co
         [*cmd, "gama_ds.train", *args],
         env=env(),
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=open(shards / "one_rank_signalled.err", "w"),
         text=True,
         start_new_session=True,
     )
@@ -354,11 +355,7 @@ def test_a_signal_to_one_rank_stops_every_rank_at_one_logging_step_and_resume_co
         while not (metrics.exists() and metrics.read_text().strip()):
             assert proc.poll() is None and time.monotonic() < deadline, "no training steps within 400 s"
             time.sleep(0.05)
-        rank1 = [
-            int(pid)
-            for pid in filter(str.isdigit, os.listdir("/proc"))
-            if _is_rank(int(pid), proc.pid, b"RANK=1")
-        ]
+        rank1 = [p.pid for p in psutil.Process(proc.pid).children(recursive=True) if _is_rank(p, b"RANK=1")]
         assert len(rank1) == 1, rank1
         os.kill(rank1[0], signal.SIGUSR1)
         stdout, _ = proc.communicate(timeout=400)
@@ -378,22 +375,28 @@ def test_a_signal_to_one_rank_stops_every_rank_at_one_logging_step_and_resume_co
         "zero_pp_rank_1_mp_rank_00_optim_states.pt",
     ]
     before = len(metrics.read_text().splitlines())
-    run(shards, out, "torchrun", ["train.epochs=4", "logging.every_steps=3"], extra=["--resume", "auto"])
+    _port[0] += 1
+    cmd[4] = str(_port[0])
+    again = subprocess.run(
+        [*cmd, "gama_ds.train", *args, "--resume", "auto"],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
     resumed = [json.loads(line)["step"] for line in metrics.read_text().splitlines()[before:]]
     assert resumed == [*range(step + 3, 32, 3), 32]  # every 3rd step, and the last
 
 
-def _is_rank(pid: int, session: int, rank: bytes) -> bool:
-    """A training rank (not a DataLoader worker) of the process session `session`."""
+def _is_rank(p, rank: bytes) -> bool:
+    """A training rank (not a DataLoader worker) with this RANK."""
     try:
-        if os.getsid(pid) != session:
+        if "gama_ds.train" not in p.cmdline():  # not a DataLoader worker or the resource tracker
             return False
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            if b"spawn_main" in f.read() or pid == session:
-                return False
-        with open(f"/proc/{pid}/environ", "rb") as f:
+        with open(f"/proc/{p.pid}/environ", "rb") as f:
             return rank in f.read().split(b"\0")
-    except OSError:
+    except (OSError, psutil.Error):
         return False
 
 

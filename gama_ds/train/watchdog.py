@@ -27,6 +27,7 @@ agent), through a connection and a key prefix of its own.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import multiprocessing
@@ -44,6 +45,7 @@ log = logging.getLogger("gama_ds.train")
 EXIT_CODE = 1  # what a rank ended by another rank's failure exits with
 PREFIX = "gama_ds/watchdog/"
 FAILURE = "failure"
+_runs = itertools.count()  # training runs started in this process: each gets keys of its own
 
 
 def _node() -> str:
@@ -125,7 +127,11 @@ class Watchdog:
             timeout=timedelta(seconds=heartbeat_s),
             wait_for_workers=False,
         )
-        self.store = dist.PrefixStore(PREFIX, store)
+        # Every rank starts the same number of runs, so they agree on the prefix; a second run in
+        # one process (a world of one: tests, benchmarks) never reads the first one's records, nor
+        # does torchrun's next attempt, whose agent keeps its store across restarts.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        self.store = dist.PrefixStore(f"{PREFIX}{attempt}.{next(_runs)}/", store)
         self.me = {
             "host": socket.gethostname(),
             "node": _node(),
@@ -143,17 +149,21 @@ class Watchdog:
     def watch(self, batches, busy: str = "step"):
         """Iterate `batches`, telling the watchdog whether this rank waits for data or works."""
         it = iter(batches)
-        while True:
-            self.phase = "data"
-            try:
-                batch = next(it)
-            except StopIteration:
-                return
-            self.batches += 1
-            self.phase = busy
-            if busy == "step" and self.batches >= 2:
-                self.armed = True  # the first batch (kernel builds, first collectives) is done
-            yield batch
+        try:
+            while True:
+                self.phase = "data"
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    return
+                self.batches += 1
+                self.phase = busy
+                if busy == "step" and self.batches >= 2:
+                    self.armed = True  # the first batch (kernel builds, first collectives) is done
+                yield batch
+        finally:
+            if hasattr(it, "close"):  # a loop that breaks stops the loader's workers now
+                it.close()
 
     def busy(self, phase: str) -> None:
         """Something that is neither data nor a step (a checkpoint save): counts as progress."""
@@ -195,6 +205,8 @@ class Watchdog:
         except dist.DistError:
             pass
         self._own_failure_at = time.monotonic()
+        if self.world == 1:  # nobody to tell; the caller (a notebook, a test) lives on
+            self._closing.set()
 
     # -- the watchdog thread
 
@@ -254,7 +266,8 @@ class Watchdog:
             # This rank's own exception: its main thread is on its way out, printing the error.
             # Only if it never gets there does the watchdog end it.
             while self._own_failure_at is None or time.monotonic() - self._own_failure_at < 30:
-                time.sleep(self.interval)
+                if self._closing.wait(self.interval):
+                    return
             self._exit()
         if self.rank != 0:  # rank 0 counts the others' reads, to keep its store up for them
             try:
