@@ -205,3 +205,33 @@ def test_a_dead_or_stalled_rank_of_node_1_ends_both_nodes(tmp_path, shards, how,
     check(codes, text, exited, gone, what)
     if how == "stop-worker":
         assert "stuck in data" in text
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.heartbeat_timeout_s=0.5", "train.heartbeat_timeout_s must be at least 2, got 0.5"),
+        (
+            "train.stall_timeout_s=10",
+            "train.stall_timeout_s 10 must be at least train.heartbeat_timeout_s 30",
+        ),
+        (
+            "train.collective_timeout_s=300",
+            "train.collective_timeout_s 300 must exceed train.stall_timeout_s 300",
+        ),
+    ],
+)
+def test_the_failure_limits_are_checked_before_anything_starts(override, message):
+    from gama_ds.config import ConfigError, load_recipe
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_recipe("tiny", [override])
+
+
+def test_the_failure_limits_do_not_change_the_recipe_hash():
+    # A resume may take other limits: they decide nothing about the trajectory.
+    from gama_ds.config import load_recipe
+    from gama_ds.train.loop import recipe_hash
+
+    limits = ["train.heartbeat_timeout_s=5", "train.stall_timeout_s=60", "train.collective_timeout_s=100"]
+    assert recipe_hash(load_recipe("tiny", limits)) == recipe_hash(load_recipe("tiny"))
