@@ -365,15 +365,15 @@ class _Watcher:
         behind = [r for r in range(dog.world) if batches[r] == min(batches)]
         if len(behind) == dog.world:
             common = max(set(phases), key=phases.count)
-            behind = [r for r in range(dog.world) if phases[r] != common] or [0]
+            behind = [r for r in range(dog.world) if phases[r] != common]
+        idle = now - self.progress_at
+        stalled = f"made no progress for {idle:.0f} s (train.stall_timeout_s {dog.stall_s:g})"
+        if not behind:  # every rank alike: name none of them in particular
+            return self._record(0, "stall", f"and every other rank {stalled}, all in {phases[0]}")
         r = behind[0]
         others = ", ".join(f"rank {k}: {phases[k]}" for k in range(dog.world) if k != r)
-        return self._record(
-            r,
-            "stall",
-            f"made no progress for {now - self.progress_at:.0f} s (train.stall_timeout_s {dog.stall_s:g}), "
-            f"stuck in {phases[r]} after {batches[r]} batches ({others})",
-        )
+        where = f"stuck in {phases[r]} after {batches[r]} batches ({others})"
+        return self._record(r, "stall", f"{stalled}, {where}")
 
     def _record(self, rank: int, kind: str, what: str) -> dict:
         return {"rank": rank, **self.ranks[rank], "what": what, "kind": kind}
