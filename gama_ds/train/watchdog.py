@@ -22,7 +22,8 @@ agent), through a connection and a key prefix of its own.
   its DataLoader workers (and, on the same machine, a failed rank that cannot end itself) and
   exits with status 1. Rank 0, whose process hosts the store, first waits briefly until the
   others have read the record.
-- Rank 0 gone (its store stops answering within `heartbeat_s`): rank 1 says so, everyone leaves.
+- Rank 0's own heartbeat is watched by rank 1. Rank 0 gone where it hosts the store (the store
+  stops answering within `heartbeat_s`): rank 1 says so, everyone leaves.
 """
 
 from __future__ import annotations
@@ -111,6 +112,7 @@ class Watchdog:
         self._thread: threading.Thread | None = None
         self._closing = threading.Event()
         self._own_failure_at: float | None = None
+        self._rank0_beat, self._rank0_at = None, time.monotonic()
 
     # -- the main thread's side
 
@@ -228,12 +230,13 @@ class Watchdog:
                     self.ranks[0] = self._read_rank(0)  # to name rank 0 if its store goes
                 if self.rank == 0 and watcher is None and not text:
                     watcher = _Watcher.when_all_registered(self)
+                found = None
                 if not text and watcher is not None:
                     found = watcher.check()
-                    if found and self._record(found):
-                        text = json.dumps(found)
-                    elif found:
-                        text = self.store.get(FAILURE).decode()
+                elif not text and self.rank == 1 and self.ranks.get(0):
+                    found = self._check_rank0()
+                if found:
+                    text = json.dumps(found) if self._record(found) else self.store.get(FAILURE).decode()
             except dist.DistError as err:
                 if self._closing.is_set():
                     return
@@ -242,6 +245,22 @@ class Watchdog:
             if text:
                 self._end(json.loads(text))
                 return
+
+    def _check_rank0(self) -> dict | None:
+        """Rank 0 watches every rank but itself; rank 1 watches rank 0. (Where rank 0 hosts the
+        store, a frozen rank 0 also shows as a store that stops answering; under torchrun the
+        store lives in the agent and only the heartbeat tells.)"""
+        beat, now = self.store.get("beat/0").decode().split(" ", 1)[0], time.monotonic()
+        if beat != self._rank0_beat:
+            self._rank0_beat, self._rank0_at = beat, now
+            return None
+        if now - self._rank0_at <= self.heartbeat_s:
+            return None
+        what = (
+            f"sent no heartbeat for {now - self._rank0_at:.0f} s (train.heartbeat_timeout_s "
+            f"{self.heartbeat_s:g}): it was killed, stopped or its node is gone"
+        )
+        return {"rank": 0, **self.ranks[0], "what": what, "kind": "silent"}
 
     def _store_lost(self, err: BaseException) -> None:
         if self.rank == 1:
