@@ -157,6 +157,15 @@ class TrainConfig:
     init: str | None = None  # a gama-ds export, or a reference GAMA/LTU checkpoint, to start from
     output_dir: str = "runs/train"  # checkpoints, metrics, the resolved recipe
     eval_every_steps: int = 0  # held-out loss every N steps (0: only at the end)
+    # A failing rank ends the job (gama_ds/train/watchdog.py). A rank silent for this long (killed,
+    # stopped, its node gone) is a failure; keep it well under a minute.
+    heartbeat_timeout_s: float = 30.0
+    # No rank taking a batch for this long, once the first step is done, is a failure (a hung
+    # read, a lost GPU); it must cover the longest checkpoint save.
+    stall_timeout_s: float = 300.0
+    # The process group's own timeout for one collective: the last resort behind the watchdog,
+    # and the longest a collective may legitimately wait (rank 0 reading the weights under ZeRO-3).
+    collective_timeout_s: float = 900.0
 
 
 @dataclass
@@ -221,6 +230,19 @@ class Recipe:
         for key, value in non_negative.items():
             if value < 0:
                 raise ConfigError(f"{key} must not be negative, got {value}")
+        t = self.train
+        if not t.heartbeat_timeout_s >= 2:
+            raise ConfigError(f"train.heartbeat_timeout_s must be at least 2, got {t.heartbeat_timeout_s:g}")
+        if not t.stall_timeout_s >= t.heartbeat_timeout_s:
+            raise ConfigError(
+                f"train.stall_timeout_s {t.stall_timeout_s:g} must be at least train.heartbeat_timeout_s "
+                f"{t.heartbeat_timeout_s:g}"
+            )
+        if not t.collective_timeout_s > t.stall_timeout_s:
+            raise ConfigError(
+                f"train.collective_timeout_s {t.collective_timeout_s:g} must exceed train.stall_timeout_s "
+                f"{t.stall_timeout_s:g}, so that the watchdog names a hang before the process group cuts it"
+            )
         if not self.optim.lr > 0:
             raise ConfigError(f"optim.lr must be positive, got {self.optim.lr}")
         for group, lr in self.optim.group_lr.items():

@@ -46,8 +46,8 @@ def pretrain_encoder(
     encoder up, and write it as the export the stage initialises from (`train.init`)."""
     from .config import load_recipe
     from .model.build import build_model
+    from .train.distributed import seed_everything
     from .train.export import write_export
-    from .train.loop import seed_everything
     from .warmup import warm_up
 
     recipe = load_recipe(args[0], args[1:])  # loading does not look for train.init; building neither

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 
+import psutil
 import pytest
 import torch
 
@@ -236,7 +237,7 @@ def test_a_preemption_signal_saves_a_checkpoint_and_resume_auto_continues(shards
 def test_the_resource_tracker_survives_slurms_usr1_warning():
     # --signal=USR1@T reaches every process of a Slurm step; the tracker must ignore it or die.
     probe = (
-        "from gama_ds.train.loop import _start_resource_tracker_deaf_to_usr1 as start\n"
+        "from gama_ds.train.distributed import _start_resource_tracker_deaf_to_usr1 as start\n"
         "from multiprocessing import resource_tracker\n"
         "start()\n"
         "status = open(f'/proc/{resource_tracker._resource_tracker._pid}/status').read()\n"
@@ -417,3 +418,131 @@ def test_zero3_ranks_read_their_own_shares_of_a_model_folder(shards, zero3, tmp_
         assert len(rest) > 100
         for name, p in rest:
             torch.testing.assert_close(gathered[name], p.detach(), rtol=0, atol=0, msg=name)
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_one_logging_step_and_resume_continues(shards):
+    """SIGUSR1 to rank 1 alone: its vote travels in the logging all-reduce (every 3 steps here),
+    so both ranks stop after the same step, save one complete checkpoint together, and exit 0."""
+    import time
+
+    out = shards / "one_rank_signalled"
+    args = [
+        "tiny",
+        f"data.train=[{{path: {shards / 'train'}}}]",
+        f"train.output_dir={out}",
+        "train.epochs=4",
+        *SAME,
+        "logging.every_steps=3",
+    ]
+    cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", free_port(), "-m"]
+    proc = subprocess.Popen(
+        [*cmd, "gama_ds.train", *args],
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=open(shards / "one_rank_signalled.err", "w"),
+        text=True,
+        start_new_session=True,
+    )
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 400
+    try:
+        while not (metrics.exists() and metrics.read_text().strip()):
+            assert proc.poll() is None and time.monotonic() < deadline, "no training steps within 400 s"
+            time.sleep(0.05)
+        rank1 = [p.pid for p in psutil.Process(proc.pid).children(recursive=True) if _is_rank(p, b"RANK=1")]
+        assert len(rank1) == 1, rank1
+        os.kill(rank1[0], signal.SIGUSR1)
+        stdout, _ = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0
+    result = json.loads(stdout.strip().splitlines()[-1])
+    step = result["step"]
+    # Rank 0 never had the signal: it stopped because rank 1 voted, at a step where votes are read.
+    assert result["stopped_by"] == "a signal on another rank" and step % 3 == 0 and step < 32, result
+    tag = f"step-{step:08d}"
+    assert complete_tags(str(out / "checkpoints")) == [tag]
+    saved = sorted(p.name for p in (out / "checkpoints" / tag).iterdir())
+    assert [n for n in saved if "optim_states" in n] == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ]
+    before = len(metrics.read_text().splitlines())
+    cmd[4] = free_port()
+    again = subprocess.run(
+        [*cmd, "gama_ds.train", *args, "--resume", "auto"],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    resumed = [json.loads(line)["step"] for line in metrics.read_text().splitlines()[before:]]
+    assert resumed == [*range(step + 3, 32, 3), 32]  # every 3rd step, and the last
+
+
+def _is_rank(p, rank: bytes) -> bool:
+    """A training rank (not a DataLoader worker) with this RANK."""
+    try:
+        if "gama_ds.train" not in p.cmdline():  # not a DataLoader worker or the resource tracker
+            return False
+        with open(f"/proc/{p.pid}/environ", "rb") as f:
+            return rank in f.read().split(b"\0")
+    except (OSError, psutil.Error):
+        return False
+
+
+@pytest.mark.parametrize(
+    "stage",
+    [
+        ["deepspeed.zero_stage=2"],
+        ["deepspeed.zero_stage=3"],
+        ["deepspeed.zero_stage=3", "deepspeed.offload=true"],
+    ],
+)
+def test_gradients_are_accumulated_and_reduced_in_fp32_under_bf16(stage):
+    from gama_ds.train.engine import resolve_ds_config
+
+    cfg = resolve_ds_config(load_recipe("tiny", ["train.precision=bf16", *stage]), 2)
+    assert cfg["bf16"]["enabled"] is True
+    assert cfg["data_types"]["grad_accum_dtype"] == "fp32" and cfg["communication_data_type"] == "fp32"
+
+
+def test_deepspeed_takes_fp32_accumulation_and_reduction_in_a_bf16_run(tmp_path):
+    """The real engine on CPU, bf16 weights: DeepSpeed's ZeRO-2 optimizer accumulates and
+    reduces in fp32, and a step trains."""
+    probe = """
+import torch
+from gama_ds.config import load_recipe
+from gama_ds.model.build import build_model
+from gama_ds.train.distributed import start_process_group
+from gama_ds.train.engine import initialize, resolve_ds_config
+
+recipe = load_recipe("tiny", ["train.precision=bf16", "train.global_batch_size=4"])
+start_process_group(0, 60)
+model = build_model(recipe.model, compute_dtype=torch.bfloat16)
+engine, _ = initialize(model, recipe, resolve_ds_config(recipe, 1), 10)
+ids = torch.randint(3, model.llm.config.vocab_size, (4, 12))
+out = engine(
+    fbank=torch.randn(4, 1024, 128),
+    input_ids=ids,
+    attention_mask=torch.ones_like(ids),
+    labels=ids,
+    has_audio=torch.ones(4, dtype=torch.bool),
+)
+engine.backward(out.loss)
+engine.step()
+print(out.loss.dtype, torch.isfinite(out.loss).item())
+print(engine.optimizer.gradient_accumulation_dtype, engine.communication_data_type)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        env={**env(), "MASTER_PORT": "29644"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-3:] == ["True", "torch.float32", "torch.float32"], done.stdout

@@ -88,6 +88,11 @@ def resolve_ds_config(recipe: Recipe, world_size: int) -> dict:
     cfg.setdefault("fp16", {})
     _fill(cfg["bf16"], "enabled", precision == "bf16", "bf16")
     _fill(cfg["fp16"], "enabled", precision == "fp16", "fp16")
+    # Gradients summed over micro-batches and averaged over ranks in fp32, whatever the weights'
+    # precision: DeepSpeed's default is the weights' dtype, and bf16 sums lose the small terms.
+    # A JSON may say otherwise on purpose; one that says nothing gets fp32.
+    cfg.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
+    cfg.setdefault("communication_data_type", "fp32")
     zero = cfg.setdefault("zero_optimization", {})
     _fill(zero, "stage", recipe.deepspeed.zero_stage, "zero_optimization")
     if zero["stage"] == 3:

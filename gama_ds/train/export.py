@@ -37,7 +37,7 @@ def find_checkpoint(path: str) -> tuple[str, str, str]:
 
 def rebuild(recipe: Recipe) -> torch.nn.Module:
     """The model exactly as training built it: same seed, same init."""
-    from .loop import seed_everything
+    from .distributed import seed_everything
 
     seed_everything(recipe.train.seed)
     model = build_model(recipe.model)
@@ -85,7 +85,7 @@ def write_export(model, recipe: Recipe, out: str, source: dict, merge: bool = Fa
         model.llm.save_pretrained(os.path.join(out, "adapter"))
     llm = recipe.model.llm
     if is_preset(llm):  # a preset has no folder to point at: write its (seeded) weights
-        from .loop import seed_everything
+        from .distributed import seed_everything
 
         seed_everything(recipe.train.seed)
         build_llm(llm, recipe.model.dtype, "sdpa").save_pretrained(os.path.join(out, "llm"))

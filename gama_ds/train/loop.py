@@ -9,8 +9,6 @@ import hashlib
 import json
 import logging
 import os
-import random
-import signal
 import sys
 import time
 from dataclasses import asdict
@@ -27,21 +25,23 @@ from ..data.tokenizer import load_tokenizer
 from ..errors import CheckpointError
 from ..exported import load_init
 from . import checkpoint
+from .distributed import (
+    StopSignal,
+    _start_resource_tracker_deaf_to_usr1,
+    dist_env,
+    mean_over_ranks,
+    seed_everything,
+    start_process_group,
+    sum_over_ranks,
+)
 from .engine import initialize
 from .metrics import ExampleTrace, Metrics, device_peak_flops, flops_per_sample, flops_per_token
 from .partitioned import build_for_training, gathered_for_init
 from .preflight import RUN_FILE, eval_stream_config, preflight, stream_config
+from .watchdog import Watchdog
 
 log = logging.getLogger("gama_ds.train")
 MODEL_INPUTS = ("fbank", "input_ids", "attention_mask", "labels", "has_audio")
-
-
-def dist_env() -> tuple[int, int, int]:
-    """(world size, rank, local rank) as the launchers set them; one process when unset."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    return world, rank, local
 
 
 def recipe_hash(recipe: Recipe) -> str:
@@ -52,7 +52,8 @@ def recipe_hash(recipe: Recipe) -> str:
     for section in ("logging", "checkpoint"):
         d.pop(section)
     d["train"].pop("output_dir")
-    d["train"].pop("eval_every_steps")
+    for key in ("eval_every_steps", "heartbeat_timeout_s", "stall_timeout_s", "collective_timeout_s"):
+        d["train"].pop(key)
     d["data"].pop("num_workers")
     d["data"].pop("start_method")
     for part in ("train", "eval"):
@@ -60,81 +61,13 @@ def recipe_hash(recipe: Recipe) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def start_process_group(local_rank: int) -> None:
-    import deepspeed
-
-    # One plain process (no launcher) is a world of one.
-    for key, value in (
-        ("RANK", "0"),
-        ("WORLD_SIZE", "1"),
-        ("LOCAL_RANK", "0"),
-        ("MASTER_ADDR", "127.0.0.1"),
-        ("MASTER_PORT", "29500"),
-    ):
-        os.environ.setdefault(key, value)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-    deepspeed.init_distributed()
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def sum_over_ranks(values: list[float], device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
-
-
-def mean_over_ranks(values: list[float], device) -> list[float]:
-    # On the engine's device: NCCL, the GPU backend, reduces CUDA tensors only.
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return t.tolist()
-
-
-def _start_resource_tracker_deaf_to_usr1() -> None:
-    """Slurm's --signal=USR1@T reaches every process of the job step, multiprocessing's resource
-    tracker too, which dies of it and leaves the DataLoader's semaphores to leak. Started with
-    USR1 ignored, it keeps that disposition (an ignored signal stays ignored across exec)."""
-    from multiprocessing import resource_tracker
-
-    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    try:
-        resource_tracker.ensure_running()
-    finally:
-        signal.signal(signal.SIGUSR1, previous)
-
-
-class StopSignal:
-    """SIGTERM or SIGUSR1 (preemption, Slurm's warning) asks for a checkpoint and a clean exit."""
-
-    def __init__(self):
-        self.received = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
-
-    def agreed(self, device) -> bool:
-        """True on every rank as soon as any rank has the signal, so all save together."""
-        return mean_over_ranks([1.0 if self.received else 0.0], device)[0] > 0
-
-
-def evaluate(engine, loader, device) -> float:
+def evaluate(engine, loader, device, dog: Watchdog) -> float:
     """Held-out loss per supervised token over every held-out example, on any world size."""
     engine.eval()
     loader.stream.epoch, loader.consumed = 0, 0
     total = torch.zeros(2, dtype=torch.float64, device=device)
     with torch.no_grad():
-        for batch in loader:
+        for batch in dog.watch(loader, "eval"):
             inputs = {k: batch[k].to(device) for k in MODEL_INPUTS}
             out = engine(**inputs)
             n = (inputs["labels"][:, 1:] != -100).sum()
@@ -195,6 +128,15 @@ def local_share(model) -> float:
 
 def train(recipe_path: str, overrides: list[str] = (), resume: str | None = None, stop_at: int = 0) -> dict:
     """Train a recipe; `stop_at` stops cleanly after that step as a preemption would."""
+    dog = Watchdog()
+    try:
+        return _train(dog, recipe_path, overrides, resume, stop_at)
+    except BaseException as err:
+        dog.failed(err)  # every rank on every node hears of it, and ends
+        raise
+
+
+def _train(dog: Watchdog, recipe_path: str, overrides: list[str], resume: str | None, stop_at: int) -> dict:
     # -- 1. the recipe, and every check, before any process group exists
     recipe = load_recipe(recipe_path, list(overrides))
     world, rank, local_rank = dist_env()
@@ -206,7 +148,8 @@ def train(recipe_path: str, overrides: list[str] = (), resume: str | None = None
 
     # -- 2. processes, seeds, tokenizer, model (built identically on every rank)
     _start_resource_tracker_deaf_to_usr1()  # before anything creates a semaphore
-    start_process_group(local_rank)
+    start_process_group(local_rank, recipe.train.collective_timeout_s)
+    dog.start(rank, world, recipe.train.heartbeat_timeout_s, recipe.train.stall_timeout_s)
     seed_everything(recipe.train.seed)
     tokenizer = load_tokenizer(plan.tokenizer)
     recipe.model.llm = plan.llm_source
@@ -302,11 +245,12 @@ def train(recipe_path: str, overrides: list[str] = (), resume: str | None = None
     last_saved, stopped, done, bad_samples = step, None, step >= total_steps, 0
 
     def save(at: int) -> None:
+        dog.busy("save")
         client = {"step": at, "stream": loader.state_dict(), "recipe_hash": digest}
         checkpoint.save(engine, ckpt_dir, at, client, recipe.checkpoint.keep)
 
     while not done:
-        for batch in loader:
+        for batch in dog.watch(loader):
             inputs = {k: batch[k].to(device) for k in MODEL_INPUTS}
             out = engine(**inputs)
             engine.backward(out.loss)
@@ -333,9 +277,11 @@ def train(recipe_path: str, overrides: list[str] = (), resume: str | None = None
                 bad_samples = 0
             if step % recipe.logging.every_steps == 0 or step == total_steps:
                 elapsed = time.perf_counter() - tick
-                loss, tok_s, smp_s = mean_over_ranks(
-                    [loss_sum.item() / window_batches, tokens / elapsed, samples / elapsed], device
-                )
+                # The stop vote rides along: every rank reads the same mean at the same step.
+                window = [loss_sum.item() / window_batches, tokens / elapsed, samples / elapsed]
+                loss, tok_s, smp_s, vote = mean_over_ranks([*window, stop.flag()], device)
+                if StopSignal.agreed(vote):
+                    stopped = stop.received or "a signal on another rank"
                 record = {
                     "step": step,
                     "epoch": loader.epoch,
@@ -361,13 +307,11 @@ def train(recipe_path: str, overrides: list[str] = (), resume: str | None = None
                 and recipe.train.eval_every_steps
                 and step % recipe.train.eval_every_steps == 0
             ):
-                metrics.log({"step": step, "eval_loss": evaluate(engine, eval_loader, device)})
+                metrics.log({"step": step, "eval_loss": evaluate(engine, eval_loader, device, dog)})
             if step % recipe.checkpoint.every_steps == 0:
                 save(step)
                 last_saved = step
-            if stop.agreed(device):
-                stopped = stop.received or "a signal on another rank"
-            elif stop_at and step >= stop_at:
+            if not stopped and stop_at and step >= stop_at:
                 stopped = f"--stop-at {stop_at}"
             if stopped or step >= total_steps:
                 done = True
@@ -378,10 +322,11 @@ def train(recipe_path: str, overrides: list[str] = (), resume: str | None = None
         save(step)
     result = {"step": step, "total_steps": total_steps, "stopped_by": stopped, "output_dir": out_dir}
     if eval_loader is not None and not stopped:
-        result["eval_loss"] = evaluate(engine, eval_loader, device)
+        result["eval_loss"] = evaluate(engine, eval_loader, device, dog)
         metrics.log({"step": step, "eval_loss": result["eval_loss"]})
     bar.close()
     result["plot"] = metrics.close(recipe.logging.plot and not stopped)
     if stopped:
         log.info("stopped by %s at step %d; continue with --resume auto", stopped, step)
+    dog.close()
     return result
