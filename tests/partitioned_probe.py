@@ -26,7 +26,7 @@ def main(run_dir: str, out: str, precisions: list[str]) -> None:
 
     from gama_ds.config import Recipe, from_dict
     from gama_ds.model.weights import parameter_groups
-    from gama_ds.train.loop import seed_everything
+    from gama_ds.train.distributed import seed_everything
     from gama_ds.train.partitioned import build_for_training
 
     deepspeed.init_distributed()

@@ -342,8 +342,8 @@ def test_zero3_builds_the_llm_partitioned_and_as_one_process_does(shards, zero3,
     from gama_ds.config import Recipe, from_dict
     from gama_ds.model.build import build_model
     from gama_ds.model.weights import parameter_groups
+    from gama_ds.train.distributed import seed_everything
     from gama_ds.train.export import export
-    from gama_ds.train.loop import seed_everything
 
     export(str(shards / "zero3"), str(tmp_path / "export"))
     probe(shards / "zero3", tmp_path, ["fp32", "bf16"])
@@ -396,7 +396,7 @@ def test_zero3_ranks_read_their_own_shares_of_a_model_folder(shards, zero3, tmp_
     from gama_ds.config import Recipe, from_dict
     from gama_ds.model.build import build_model
     from gama_ds.model.llm import llm_config
-    from gama_ds.train.loop import seed_everything
+    from gama_ds.train.distributed import seed_everything
 
     folder = tmp_path / "llama"
     torch.manual_seed(7)

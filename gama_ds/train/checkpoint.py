@@ -116,6 +116,29 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep: int) -> str
     return tag
 
 
+class Saver:
+    """Decides for itself when a checkpoint is due (every `every_steps`, and at the end when the
+    last step is not saved yet); `client_state(step)` gives what the engine's state lacks."""
+
+    def __init__(self, engine, ckpt_dir: str, every_steps: int, keep: int, client_state, before=None):
+        self.engine, self.ckpt_dir, self.every, self.keep = engine, ckpt_dir, every_steps, keep
+        self.client_state, self.before = client_state, before or (lambda: None)
+        self.last = None
+
+    def step(self, step: int) -> None:
+        if step % self.every == 0:
+            self.save(step)
+
+    def final(self, step: int) -> None:
+        if self.last != step:
+            self.save(step)
+
+    def save(self, step: int) -> None:
+        self.before()
+        save(self.engine, self.ckpt_dir, step, self.client_state(step), self.keep)
+        self.last = step
+
+
 def saved_world_size(ckpt_dir: str, tag: str) -> int:
     """The number of ranks that wrote `tag`: its marker says so; older checkpoints, whose marker
     does not, have one ZeRO optimizer file per rank."""

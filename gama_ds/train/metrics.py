@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
+import numpy as np
 import torch
 
 # Dense bf16 peak FLOP/s per device, from the vendors' data sheets (no sparsity).
@@ -50,6 +52,56 @@ def flops_per_sample(model) -> float:
     for name, module in a.named_children():
         total += tokens.get(name, a.num_tokens) * _train_flops(module.parameters())
     return total
+
+
+class Window:
+    """One rank's running totals between two metrics lines, and what they come to.
+
+    The loss stays a device tensor until the line is due: reading it each step (`.item()`)
+    would make the host wait for the GPU every step."""
+
+    def __init__(self, device, audio_tokens: int, flops_token: float, flops_sample: float, peak):
+        self.device, self.audio_tokens = device, audio_tokens
+        self.flops_token, self.flops_sample, self.peak = flops_token, flops_sample, peak
+        self.bad_samples = 0  # this epoch's, for the epoch line
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss, self.batches, self.tokens, self.samples, self.pads = (
+            torch.zeros((), device=self.device),
+            0,
+            0,
+            0,
+            [],
+        )
+        self.tick = time.perf_counter()
+
+    def add(self, batch: dict, loss) -> None:
+        self.loss += loss.detach().float()
+        self.batches += 1
+        self.tokens += int(batch["text_tokens"]) + self.audio_tokens * len(batch["keys"])
+        self.samples += len(batch["keys"])
+        self.pads.append(float(batch["pad_fraction"]))
+        self.bad_samples += int(batch["bad_samples"])
+
+    def rates(self) -> list[float]:
+        """[mean loss, tokens/s, samples/s] on this rank, to be averaged over ranks."""
+        elapsed = time.perf_counter() - self.tick
+        return [self.loss.item() / self.batches, self.tokens / elapsed, self.samples / elapsed]
+
+    def record(self, means: list[float], world: int) -> dict:
+        """The metrics line's figures from the rates averaged over ranks; then starts afresh."""
+        loss, tok_s, smp_s = means
+        record = {
+            "loss": loss,
+            "samples_per_s": smp_s * world,
+            "tokens_per_s": tok_s * world,
+            "pad_fraction": float(np.mean(self.pads)),
+        }
+        if self.peak:  # per rank: every LLM token (audio prefix and text), plus the audio modules per clip
+            record["mfu"] = (tok_s * self.flops_token + smp_s * self.flops_sample) / self.peak
+        self.reset()
+        return record
 
 
 class Metrics:
