@@ -57,6 +57,9 @@ bench: $(STAMP)
 	$(BIN)/python bench/storage.py
 	$(BIN)/python bench/stream.py
 	$(BIN)/python bench/loop_overhead.py
+	$(BIN)/python bench/epoch_coverage.py
+	$(BIN)/python bench/zero3_memory.py
+	$(BIN)/torchrun --nproc_per_node 2 bench/reshard.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) demo_data .torch_extensions bench_out

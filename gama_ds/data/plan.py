@@ -110,7 +110,7 @@ class EpochPlan:
         g = cfg.global_batch
         self.global_batches = self.examples // g
         self.left_over = self.examples - self.global_batches * g
-        if self.global_batches == 0:
+        if self.global_batches == 0 and not cfg.cover_all:  # a covering stream pads its last batch
             raise PlanError(
                 f"too little data: {self.examples} examples in an epoch, less than one global batch of {g}"
             )
