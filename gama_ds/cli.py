@@ -289,7 +289,7 @@ def _generate(args) -> int:
 
 
 def _load_export(path: str):
-    from .train.export import is_export, load_export
+    from .exported import is_export, load_export
 
     if not is_export(path):
         raise UsageError(f"--model {path} is not a gama-ds export (made by `gama-ds export RUN --out DIR`)")

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 import uuid
 
@@ -148,24 +150,32 @@ def check(codes, text, exited, gone, what):
 
 
 def test_an_exception_on_a_rank_of_node_1_ends_both_nodes(tmp_path, shards):
+    from gama_ds.config import load_recipe
     from gama_ds.data.collate import Collator
-    from gama_ds.data.stream import StreamConfig, TrainStream, open_sets
+    from gama_ds.data.stream import TrainStream, open_sets
     from gama_ds.data.tokenizer import load_tokenizer
+    from gama_ds.train.preflight import stream_config
 
-    # A shard that only rank 1 reads in the first epoch, cut short: a real ShardError there.
+    # A clip whose every QA pair rank 1 alone reads in the first epoch, its features' bits
+    # flipped: a real ShardError (checksum mismatch) on rank 1 only.
+    recipe = load_recipe("tiny", [f"data.train=[{{path: {shards / 'train'}}}]"])
     collate = Collator(load_tokenizer("bytes"), 108, "alpaca_short", True)
-    read = []
+    clips = []
     for rank in (0, 1):
         stream = TrainStream(
-            open_sets([(str(shards / "train"), 1.0)]), StreamConfig(micro_batch=4), collate, rank, 2, 0
+            open_sets([(str(shards / "train"), 1.0)]), stream_config(recipe), collate, rank, 2, 0
         )
-        read.append({k.split("/")[1] for batch in stream for k in batch["keys"]})
-    victim = sorted(read[1] - read[0])[0]
+        clips.append({k.rsplit("#", 1)[0] for batch in stream for k in batch["keys"]})
+    _, victim, key = sorted(clips[1] - clips[0])[0].split("/")
     data = tmp_path / "data"
-    (data / "train").mkdir(parents=True)
-    for name in os.listdir(shards / "train"):
-        blob = (shards / "train" / name).read_bytes()
-        (data / "train" / name).write_bytes(blob[: len(blob) // 2] if name == victim else blob)
+    shutil.copytree(shards / "train", data / "train")
+    with tarfile.open(data / "train" / victim) as tar:
+        info = tar.getmember(f"{key}.fbank.npy")
+    with open(data / "train" / victim, "r+b") as f:
+        f.seek(info.offset_data + 256)
+        flipped = bytes(b ^ 1 for b in f.read(64))
+        f.seek(info.offset_data + 256)
+        f.write(flipped)
 
     def fail(job, out, logs):
         return wait_for(
@@ -176,7 +186,7 @@ def test_an_exception_on_a_rank_of_node_1_ends_both_nodes(tmp_path, shards):
         )
 
     codes, text, exited, gone = run_two_nodes(tmp_path, data, fail)
-    check(codes, text, exited, gone, f"failed: ShardError: train/{victim}")
+    check(codes, text, exited, gone, f"failed: ShardError: train/{victim}: sample '{key}'")
 
 
 @pytest.mark.parametrize(
