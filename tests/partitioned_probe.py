@@ -61,6 +61,10 @@ def main(run_dir: str, out: str, precisions: list[str]) -> None:
         del model, keep
     with open(os.path.join(out, f"rank{rank}.json"), "w", encoding="utf-8") as f:
         json.dump({"world": world, **report}, f)
+    # Ended explicitly: left to interpreter exit, gloo's threads once aborted a rank there
+    # ("terminate called without an active exception") after all of the above was written.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -270,7 +270,7 @@ class Reader:
 
 
 class TrainStream(IterableDataset):
-    """An IterableDataset of collated batches for one rank; use it with `make_loader`."""
+    """An IterableDataset of collated batches for one rank; iterate it through StreamLoader."""
 
     def __init__(
         self,
@@ -321,16 +321,15 @@ class TrainStream(IterableDataset):
 
     def __iter__(self):
         info = get_worker_info()
-        # The DataLoader always asks worker 0 first; after `skip` batches the next batch is
-        # due from logical worker skip % W, so DataLoader worker i plays (i + skip) % W.
-        worker = ((info.id if info is not None else 0) + self.skip) % self.num_workers
         if info is None and self.loader_workers > 0:
             raise StreamError(
                 "this stream was planned for DataLoader workers; iterate it through StreamLoader"
             )
         plan = self.plan(self.epoch)
         reader = Reader(self.sets, self.cfg, self.epoch)
-        first = self.skip + (worker - self.skip) % self.num_workers
+        # The DataLoader asks its workers in turn, worker 0 first: after `skip` batches, worker
+        # i makes the rank's batches skip + i, skip + i + W, ...
+        first = self.skip + (info.id if info is not None else 0)
         cached: dict[int, list] = {}
         reported = 0
         try:
