@@ -11,6 +11,7 @@ import sys
 import psutil
 import pytest
 import torch
+from cluster import wait_for
 
 from conftest import synth_shards, train_env
 from gama_ds.config import ConfigError, load_recipe
@@ -190,7 +191,6 @@ def test_a_preemption_signal_saves_a_checkpoint_and_resume_auto_continues(shards
     """SIGUSR1 to the whole process group mid-run, as Slurm's --signal sends it: the rank saves
     and exits cleanly while its DataLoader worker keeps serving it; resume goes on from there."""
     import signal
-    import time
 
     out = shards / "signalled"
     args = [
@@ -209,11 +209,8 @@ def test_a_preemption_signal_saves_a_checkpoint_and_resume_auto_continues(shards
         start_new_session=True,
     )
     metrics = out / "metrics.jsonl"
-    deadline = time.monotonic() + 300
     try:
-        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
-            assert proc.poll() is None and time.monotonic() < deadline, "no training steps within 300 s"
-            time.sleep(0.05)
+        wait_for_steps(proc, metrics, 2, 300)
         os.killpg(proc.pid, signal.SIGUSR1)  # the rank and its DataLoader worker alike
         stdout, _ = proc.communicate(timeout=300)
     finally:
@@ -223,17 +220,26 @@ def test_a_preemption_signal_saves_a_checkpoint_and_resume_auto_continues(shards
     result = json.loads(stdout.strip().splitlines()[-1])
     assert result["stopped_by"] == "SIGUSR1" and 2 <= result["step"] < result["total_steps"] == 32
     assert complete_tags(str(out / "checkpoints")) == [f"step-{result['step']:08d}"]
-    before = len(metrics.read_text().splitlines())
-    again = subprocess.run(
-        [sys.executable, "-m", "gama_ds", "train", *args, "--resume", "auto"],
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert again.returncode == 0, again.stderr[-3000:]
-    resumed = [r["step"] for r in map(json.loads, metrics.read_text().splitlines()[before:]) if "loss" in r]
+    resumed = steps_of_resumed_run([sys.executable, "-m", "gama_ds", "train", *args], metrics)
     assert resumed == list(range(result["step"] + 1, 33))
+
+
+def wait_for_steps(proc, metrics, lines: int, seconds: float) -> None:
+    """Until the run has logged `lines` metrics lines; a run that exits first fails the test."""
+
+    def logged() -> bool:
+        assert proc.poll() is None, f"the run exited with {proc.returncode} before {lines} metrics lines"
+        return metrics.exists() and len(metrics.read_text().splitlines()) >= lines
+
+    wait_for(logged, seconds, f"{lines} metrics lines", every=0.05)
+
+
+def steps_of_resumed_run(cmd: list[str], metrics) -> list[int]:
+    """Run `cmd --resume auto` to the end; the steps it logged a loss for."""
+    before = len(metrics.read_text().splitlines())
+    again = subprocess.run([*cmd, "--resume", "auto"], env=env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    return [r["step"] for r in map(json.loads, metrics.read_text().splitlines()[before:]) if "loss" in r]
 
 
 def test_the_resource_tracker_survives_slurms_usr1_warning():
@@ -425,7 +431,6 @@ def test_zero3_ranks_read_their_own_shares_of_a_model_folder(shards, zero3, tmp_
 def test_a_signal_to_one_rank_stops_every_rank_at_one_logging_step_and_resume_continues(shards):
     """SIGUSR1 to rank 1 alone: its vote travels in the logging all-reduce (every 3 steps here),
     so both ranks stop after the same step, save one complete checkpoint together, and exit 0."""
-    import time
 
     out = shards / "one_rank_signalled"
     args = [
@@ -446,11 +451,8 @@ def test_a_signal_to_one_rank_stops_every_rank_at_one_logging_step_and_resume_co
         start_new_session=True,
     )
     metrics = out / "metrics.jsonl"
-    deadline = time.monotonic() + 400
     try:
-        while not (metrics.exists() and metrics.read_text().strip()):
-            assert proc.poll() is None and time.monotonic() < deadline, "no training steps within 400 s"
-            time.sleep(0.05)
+        wait_for_steps(proc, metrics, 1, 400)
         rank1 = [p.pid for p in psutil.Process(proc.pid).children(recursive=True) if _is_rank(p, b"RANK=1")]
         assert len(rank1) == 1, rank1
         os.kill(rank1[0], signal.SIGUSR1)
@@ -470,17 +472,8 @@ def test_a_signal_to_one_rank_stops_every_rank_at_one_logging_step_and_resume_co
         "zero_pp_rank_0_mp_rank_00_optim_states.pt",
         "zero_pp_rank_1_mp_rank_00_optim_states.pt",
     ]
-    before = len(metrics.read_text().splitlines())
     cmd[4] = free_port()
-    again = subprocess.run(
-        [*cmd, "gama_ds.train", *args, "--resume", "auto"],
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert again.returncode == 0, again.stderr[-3000:]
-    resumed = [r["step"] for r in map(json.loads, metrics.read_text().splitlines()[before:]) if "loss" in r]
+    resumed = steps_of_resumed_run([*cmd, "gama_ds.train", *args], metrics)
     assert resumed == [*range(step + 3, 32, 3), 32]  # every 3rd step, and the last
 
 

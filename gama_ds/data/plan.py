@@ -198,9 +198,6 @@ class EpochPlan:
             )
         return self.cfg.global_batch // per_step
 
-    def rank_batches(self, world_size: int) -> int:
-        return self.global_batches * self.accumulation(world_size)
-
     @staticmethod
     def rank_slot(k: int, rank: int, world_size: int, accumulation: int) -> tuple[int, int]:
         """A rank's k-th micro-batch of the epoch -> (global batch, micro-batch index j)."""

@@ -120,10 +120,11 @@ class Saver:
     """Decides for itself when a checkpoint is due (every `every_steps`, and at the end when the
     last step is not saved yet); `client_state(step)` gives what the engine's state lacks."""
 
-    def __init__(self, engine, ckpt_dir: str, every_steps: int, keep: int, client_state, before=None):
+    def __init__(self, engine, ckpt_dir, every_steps, keep, client_state, before=None, saved_at=None):
+        """`saved_at`: the step of the checkpoint this run resumed from, already saved."""
         self.engine, self.ckpt_dir, self.every, self.keep = engine, ckpt_dir, every_steps, keep
         self.client_state, self.before = client_state, before or (lambda: None)
-        self.last = None
+        self.last = saved_at
 
     def step(self, step: int) -> None:
         if step % self.every == 0:

@@ -156,8 +156,9 @@ def _train(dog: Watchdog, recipe_path: str, overrides: list[str], resume: str | 
         return {"step": at, "stream": loader.state_dict(), "recipe_hash": digest}
 
     c = recipe.checkpoint
-    saver = checkpoint.Saver(engine, ckpt_dir, c.every_steps, c.keep, client_state, lambda: dog.busy("save"))
-    saver.last = step  # the checkpoint this run resumed from, if any
+    saver = checkpoint.Saver(
+        engine, ckpt_dir, c.every_steps, c.keep, client_state, lambda: dog.busy("save"), saved_at=step
+    )
     stop = StopSignal()
     bar = progress_bar(total_steps, step, is_main)
     stopped, micro = None, 0
