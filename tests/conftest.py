@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -112,3 +113,39 @@ def train_env() -> dict:
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
     return env
+
+
+# The cluster of the launch tests (tests/cluster.py), shared by every test that asks for it: idle,
+# its daemons cost nothing, and starting them costs seconds. cluster.py imports this module, so
+# it is imported where used.
+@pytest.fixture(scope="session")
+def two_nodes():
+    """node1 and node2: namespaces joined by a veth pair, names resolving on both."""
+    import cluster
+
+    cluster.need_namespaces()
+    with cluster.daemon(cluster.TwoNodes, "gds-nodes-") as nodes:
+        yield nodes
+
+
+@pytest.fixture(scope="session")
+def slurm(two_nodes):
+    """munged and slurmctld on node1, a slurmd on each node."""
+    import cluster
+
+    cluster.need(
+        ["munged", "munge", "slurmctld", "slurmd", "sbatch", "scontrol"],
+        "slurmctld slurmd slurm-client munge",
+    )
+    with cluster.daemon(functools.partial(cluster.Slurm, two_nodes), "gds-slurm-") as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
+def sshd(two_nodes):
+    """An sshd on each node; `sshd.bin` first on PATH gives ssh (and pdsh) its keys."""
+    import cluster
+
+    cluster.need(["sshd", "ssh", "ssh-keygen", "pdsh"], "openssh-server openssh-client pdsh")
+    with cluster.daemon(functools.partial(cluster.Sshd, two_nodes), "gds-sshd-") as d:
+        yield d

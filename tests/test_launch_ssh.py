@@ -1,6 +1,7 @@
-"""launch/train.sh over ssh, DeepSpeed's default multi-node path: the launcher on this machine
-runs pdsh, which ssh-es into every host of the hostfile (here 127.0.0.1 and 127.0.0.2, served
-by a real sshd) and starts that node's launcher with the variables of .gama_ds/deepspeed_env."""
+"""launch/train.sh over ssh, DeepSpeed's default multi-node path, across the two nodes of
+tests/cluster.py: started on node1, the launcher runs pdsh, which ssh-es into node1 and node2
+(each its own network namespace, served by its own sshd) and starts that node's launcher with
+the variables of .gama_ds/deepspeed_env."""
 
 from __future__ import annotations
 
@@ -10,71 +11,68 @@ import subprocess
 import sys
 import uuid
 
-import pytest
-from cluster import QUIET, Sshd, daemon, free_port, kill_marked, need, tiny_data
+from cluster import QUIET, kill_marked, tail, tiny_data, wait_for
 
 from conftest import ROOT, train_env
 
 
-@pytest.fixture(scope="module")
-def sshd():
-    need(["sshd", "ssh", "ssh-keygen", "pdsh"], "openssh-server openssh-client pdsh")
-    with daemon(Sshd, "gds-sshd-") as d:
-        yield d
-
-
-@pytest.fixture(scope="module")
-def over_ssh(sshd, tmp_path_factory):
-    """One tiny stage on two ssh "nodes": its output lines, run.json, folder and probe value."""
-    tmp = tmp_path_factory.mktemp("ssh")
-    data = tiny_data(tmp)
-    (tmp / "hostfile").write_text("127.0.0.1 slots=1\n127.0.0.2 slots=1\n")
+def test_two_nodes_over_ssh_train_a_tiny_stage_with_the_forwarded_environment(sshd, two_nodes, tmp_path):
+    data = tiny_data(tmp_path)
+    (tmp_path / "hostfile").write_text("node1 slots=1\nnode2 slots=1\n")
     probe = uuid.uuid4().hex  # reaches the ranks only through .gama_ds/deepspeed_env
     env = {
         **train_env(),
-        "PATH": f"{sshd.bin}:{os.environ['PATH']}",  # ssh with the fixture's port and key
-        "HOSTFILE": str(tmp / "hostfile"),
+        "PATH": f"{sshd.bin}:{os.environ['PATH']}",  # ssh with the fixture's keys
+        "HOSTFILE": str(tmp_path / "hostfile"),
         "PYTHON": sys.executable,
-        "MASTER_PORT": str(free_port()),
         "GAMA_DS_PROBE": probe,
     }
-    for name in ("NO_SSH", "NODE_RANK", "MASTER_ADDR", "GAMA_DS_FORWARD_ENV"):
+    for name in ("NO_SSH", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "GAMA_DS_FORWARD_ENV"):
         env.pop(name, None)
-    args = ["tiny", f"data.train=[{{path: {data['train']}}}]", f"train.output_dir={tmp / 'run'}"]
-    try:
-        done = subprocess.run(
-            [os.path.join(ROOT, "launch", "train.sh"), *args, "train.max_steps=3", *QUIET],
+    run = tmp_path / "run"
+    args = ["tiny", f"data.train=[{{path: {data['train']}}}]", f"train.output_dir={run}"]
+    args += ["train.max_steps=3", "data.num_workers=0", *QUIET]
+    log = tmp_path / "launch.log"
+    seen = {}
+    with open(log, "wb") as out:
+        launcher = subprocess.Popen(
+            two_nodes.node1.enter([os.path.join(ROOT, "launch", "train.sh"), *args], tmp_path),
             env=env,
-            cwd=tmp,
-            capture_output=True,
-            text=True,
-            timeout=300,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for(
+            lambda: two_nodes.ranks(seen) and launcher.poll() is not None,
+            300,
+            f"launch/train.sh to end\n{tail(str(log))}",
+            every=0.2,
         )
     finally:
+        launcher.kill()
+        launcher.wait()
         kill_marked("GAMA_DS_PROBE", probe)  # launchers and ranks under sshd, after a timeout
-    lines = [x for x in (done.stdout + done.stderr).splitlines() if "s/step" not in x and "step/s" not in x]
-    assert done.returncode == 0, "\n".join(lines[-80:])
-    run = json.loads((tmp / "run" / "run.json").read_text())
-    return {"lines": lines, "run": run, "dir": tmp, "probe": probe}
+    lines = [
+        x for x in log.read_text(errors="replace").splitlines() if "s/step" not in x and "step/s" not in x
+    ]
+    assert launcher.returncode == 0, "\n".join(lines[-80:])
 
-
-def test_two_nodes_over_ssh_train_a_tiny_stage_with_the_forwarded_environment(over_ssh):
-    lines, run, tmp = over_ssh["lines"], over_ssh["run"], over_ssh["dir"]
-    # pdsh ran one launcher per host over ssh, each line prefixed with its host.
-    assert any("cmd = pdsh -S -f 1024 -w 127.0.0.1,127.0.0.2 " in x for x in lines)
-    assert any(x.startswith("127.0.0.1: ") and "node_rank=0" in x for x in lines)
-    assert any(x.startswith("127.0.0.2: ") and "node_rank=1" in x for x in lines)
-    result = json.loads([x for x in lines if x.startswith('127.0.0.1: {"step"')][-1].split(": ", 1)[1])
+    # pdsh ran one launcher per node over ssh, each line prefixed with its host; each node ran
+    # its rank in its own namespaces, and rank 1 reached node1's address from node2.
+    assert any("cmd = pdsh -S -f 1024 -w node1,node2 " in x for x in lines)
+    assert any(x.startswith("node1: ") and "node_rank=0" in x for x in lines)
+    assert any(x.startswith("node2: ") and "node_rank=1" in x for x in lines)
+    assert seen == {"node1": {0}, "node2": {1}}
+    result = json.loads([x for x in lines if x.startswith('node1: {"step"')][-1].split(": ", 1)[1])
     assert result["step"] == result["total_steps"] == 3 and result["stopped_by"] is None
-    assert run["world_size"] == 2 and run["launch"]["MASTER_ADDR"] == "127.0.0.1"
-    assert (tmp / "run" / "checkpoints" / "step-00000003" / "COMPLETE").exists()
+    record = json.loads((run / "run.json").read_text())
+    launch = record["launch"]
+    assert record["world_size"] == 2 and launch["MASTER_ADDR"] == "node1"
+    assert (run / "checkpoints" / "step-00000003" / "COMPLETE").exists()
     # Rank 0 ran in an ssh session of an sshd started with an empty environment: the probe came
-    # through the deepspeed_env file, as every GAMA_DS_* variable does.
-    assert run["launch"]["GAMA_DS_PROBE"] == over_ssh["probe"]
-    assert f"GAMA_DS_PROBE={over_ssh['probe']}" in (tmp / ".gama_ds" / "deepspeed_env").read_text()
-
-
-def test_run_json_records_the_launch_command_and_hostfile_over_ssh(over_ssh):
-    launch = over_ssh["run"]["launch"]
-    assert launch.get("GAMA_DS_LAUNCH", "").startswith("launch/train.sh tiny")
-    assert launch.get("hostfile") == (over_ssh["dir"] / "hostfile").read_text()
+    # through the deepspeed_env file, as every GAMA_DS_* variable does, and with it the launch
+    # command and hostfile that run.json records.
+    assert launch["GAMA_DS_PROBE"] == probe
+    assert f"GAMA_DS_PROBE={probe}" in (tmp_path / ".gama_ds" / "deepspeed_env").read_text()
+    assert launch["GAMA_DS_LAUNCH"].startswith("launch/train.sh tiny")
+    assert launch["hostfile"] == "node1 slots=1\nnode2 slots=1\n"
