@@ -100,7 +100,7 @@ def test_a_stage_warned_by_usr1_requeues_and_resumes_to_the_end(slurm, data, tmp
     launch = run["launch"]
     assert launch["SLURM_JOB_ID"] == job and launch["SLURM_JOB_NODELIST"] == "localhost"
     assert launch["hostfile"] == "localhost slots=2\n" and launch["NODE_RANK"] == "0"
-    assert launch["MASTER_ADDR"] == "localhost" and run["world_size"] == 2
+    assert launch["MASTER_ADDR"] == "127.0.0.1" and run["world_size"] == 2  # NodeAddr, not the name
 
 
 def test_the_slurm_pipeline_chains_stages_through_afterok_and_the_export(slurm, data, tmp_path):

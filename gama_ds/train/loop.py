@@ -35,7 +35,7 @@ from .held_out import MODEL_INPUTS, HeldOut
 from .metrics import ExampleTrace, Metrics, Window, device_peak_flops, flops_per_sample, flops_per_token
 from .partitioned import build_for_training, gathered_for_init
 from .preflight import eval_stream_config, preflight, stream_config
-from .run_record import write_run_file
+from .run_record import write_result_file, write_run_file
 from .watchdog import Watchdog
 
 log = logging.getLogger("gama_ds.train")
@@ -205,6 +205,8 @@ def _train(dog: Watchdog, recipe_path: str, overrides: list[str], resume: str | 
     result["plot"] = metrics.close(recipe.logging.plot and not stopped)
     if stopped:
         log.info("stopped by %s at step %d; continue with --resume auto", stopped, step)
+    if is_main:
+        write_result_file(out_dir, result)
     dog.close()
     return result
 
