@@ -205,6 +205,9 @@ def _add_train(sub) -> None:
 
 
 def _train(args) -> int:
+    from .signals import listen_for_stop
+
+    listen_for_stop()  # before the heavy imports: a stop signal while they load is kept, not fatal
     from .train.loop import train
 
     # The launch scripts resume every node through the environment (train.sh forwards GAMA_DS_*).

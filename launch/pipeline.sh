@@ -8,7 +8,8 @@
 # EVAL_ROOT    if set, stage N evaluates on $EVAL_ROOT/stageN
 # RUNS         stage N's run goes to $RUNS/stageN and its export to $RUNS/stageN/export (default: runs)
 # INIT         stage 1's train.init, e.g. the reference's base folder (default: none)
-# EXPORT_WAIT  NO_SSH=1 on a node other than 0: seconds to wait for node 0's export (default 1800)
+# EXPORT_WAIT  NO_SSH=1 on a node other than 0: seconds to wait for node 0's export (default 1800;
+#              a stage stopped by a signal ends the wait at once, with exit 75 as on node 0)
 # HOSTFILE NO_SSH NODE_RANK MASTER_ADDR MASTER_PORT DEVICES PYTHON: as for launch/train.sh
 #
 # Run it again after anything stops it: a stage whose export is complete is skipped (the export
@@ -19,7 +20,7 @@
 set -euo pipefail
 
 if [[ ${1:-} == -h || ${1:-} == --help ]]; then
-    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
     exit 0
 fi
 : "${DATA_ROOT:?set DATA_ROOT: stage N trains on the shards in \$DATA_ROOT/stageN}"
@@ -31,7 +32,8 @@ node=0
 [[ ${NO_SSH:-0} == 1 ]] && node=${NODE_RANK:?NO_SSH=1 needs NODE_RANK, 0 for the first host in the hostfile}
 export GAMA_DS_RESUME=auto
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+started=$(mktemp) # its time: when the current stage started
+trap 'rm -f "$log" "$started"' EXIT
 
 init=${INIT:-}
 for k in "${!stages[@]}"; do
@@ -55,6 +57,7 @@ for k in "${!stages[@]}"; do
     echo "pipeline: stage $n ($recipe): training in $run" >&2
     # stdout only: the trainer's result line; pdsh prefixes it with the host, hence grep -o.
     status=0
+    touch "$started"
     "$here/train.sh" "${args[@]}" "$@" | tee "$log" || status=$?
     if ((status != 0)); then
         echo "pipeline: stage $n ($recipe) failed (exit $status); run the pipeline again to resume it" >&2
@@ -65,6 +68,11 @@ for k in "${!stages[@]}"; do
         wait=${EXPORT_WAIT:-1800}
         deadline=$((SECONDS + wait))
         until [[ -f $out/gama_ds.json ]]; do
+            # Node 0 exports a finished stage only; rank 0's result says whether it finished.
+            if [[ $run/result.json -nt $started ]] && grep -q '"stopped_by": "' "$run/result.json"; then
+                echo "pipeline: stage $n ($recipe) was stopped at a checkpoint; run the pipeline again" >&2
+                exit 75
+            fi
             if ((SECONDS >= deadline)); then
                 echo "pipeline: stage $n ($recipe): node 0 wrote no export to $out in ${wait}s" >&2
                 exit 1

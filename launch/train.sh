@@ -30,7 +30,14 @@ MASTER_PORT=${MASTER_PORT:-29500}
 
 devices=${DEVICES:-}
 if [[ -z $devices ]] && command -v nvidia-smi >/dev/null 2>&1; then
-    devices=$(nvidia-smi -L | wc -l)
+    if ! listing=$(nvidia-smi -L 2>&1); then
+        echo "train.sh: nvidia-smi failed on $(hostname): $listing" >&2
+        echo "train.sh: fix the node's driver, or set DEVICES to the ranks per node" >&2
+        exit 2
+    fi
+    devices=$(grep -c '^GPU ' <<<"$listing" || true)
+    # The ranks must then find their GPU, rather than train in fp32 on CPU.
+    ((devices > 0)) && export GAMA_DS_REQUIRE_GPU=1
 fi
 check=("$PYTHON" -m gama_ds.launch check "$HOSTFILE" "$recipe" "$@")
 [[ -n $devices ]] && check+=(--devices "$devices")

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import multiprocessing
 import os
 import shutil
+import signal
 import tarfile
+import threading
+import time
 
+import psutil
 import pytest
 from cluster import wait_for
 
@@ -352,3 +357,37 @@ def test_a_shard_set_converted_before_sample_indexes_reads_the_same(data):
         return [[k.split("/", 1)[1] for k in b] for p in per_rank for b in p]
 
     assert batches(root) == batches(data["uneven"])
+
+
+def test_workers_survive_stop_signals_from_their_first_instant(data):
+    """Slurm's SIGTERM and SIGUSR1 reach every process of the step, DataLoader workers too, and
+    workers start afresh at every epoch. Signalled from the moment they exist (a spawned worker
+    spends its first second importing torch, before any worker_init_fn), the epoch still ends
+    with every batch; the rank is the one that answers (here: it ignores them)."""
+    sets = open_sets([(data["even"], 1.0)])
+    stream = TrainStream(sets, StreamConfig(micro_batch=4), COLLATOR, 0, 1, 2)
+    me, hit, done = os.getpid(), set(), threading.Event()
+
+    def signal_new_workers():
+        while not done.is_set():
+            for child in psutil.Process(me).children():
+                with contextlib.suppress(psutil.Error):
+                    if "spawn_main" in " ".join(child.cmdline()):  # not the resource tracker
+                        for sig in (signal.SIGTERM, signal.SIGUSR1):
+                            child.send_signal(sig)
+                        hit.add(child.pid)
+            time.sleep(0.005)
+
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    poker = threading.Thread(target=signal_new_workers, daemon=True)
+    poker.start()
+    try:
+        loader = StreamLoader(stream)
+        got = [b["keys"] for b in loader]
+    finally:
+        done.set()
+        poker.join()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    assert len(got) == len(loader) > 0
+    assert len(hit) == 2  # both workers were signalled

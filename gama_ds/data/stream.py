@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import os
-import signal
 import tarfile
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
@@ -35,6 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config import DataConfig, choices
 from ..errors import GamaDsError
+from ..signals import deaf_to_stop_signals, start_resource_tracker_deaf_to_stop_signals, stop_signals_held
 from . import sample_index
 from .collate import IGNORE, Collator, Example
 from .plan import EpochPlan, PlanError, Ref, rng
@@ -371,14 +371,6 @@ class TrainStream(IterableDataset):
         return batch
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """A preemption warning (SIGUSR1, as Slurm's --signal sends it to every process of the job)
-    and Ctrl-C are for the rank, which saves a checkpoint while its workers keep serving it.
-    SIGTERM keeps its default: multiprocessing stops leftover workers with it at exit."""
-    for sig in (signal.SIGUSR1, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
-
-
 def _stop_workers(it) -> None:
     """Stop a DataLoader iterator's workers now, not when the garbage collector gets to it: after
     an error its traceback keeps it alive, and a worker still starting then finds its queues'
@@ -396,6 +388,10 @@ def _stop_workers(it) -> None:
     except RuntimeError as err:
         if "DataLoader worker" not in str(err):
             raise
+    for worker in getattr(it, "_workers", []):
+        if worker.is_alive():  # stuck past torch's join; it ignores the SIGTERM torch sent
+            worker.kill()
+            worker.join(10)
 
 
 class StreamLoader:
@@ -430,12 +426,17 @@ class StreamLoader:
             num_workers=workers,
             # Workers are not forked: the parent holds torch's and the tokenizer's thread pools.
             multiprocessing_context=self.start_method if workers > 0 else None,
-            worker_init_fn=_ignore_stop_signals if workers > 0 else None,
+            # The rank saves on a stop signal while its workers keep serving it (signals.py).
+            worker_init_fn=deaf_to_stop_signals if workers > 0 else None,
             # Its own generator: starting an iterator then draws nothing from the global RNG,
             # so a resumed run's dropout masks stay those of the uninterrupted run.
             generator=torch.Generator().manual_seed(stream.cfg.seed + stream.epoch),
         )
-        it = iter(loader)
+        if workers > 0:
+            # Starting a tracker unblocks SIGTERM in this process: have it started beforehand.
+            start_resource_tracker_deaf_to_stop_signals()
+        with stop_signals_held():  # workers start here, at every epoch
+            it = iter(loader)
         try:
             for batch in it:
                 self.consumed += 1

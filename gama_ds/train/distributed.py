@@ -1,4 +1,4 @@
-"""The process group and what every rank shares through it: ranks, seeds, means, stop requests.
+"""The process group and what every rank shares through it: devices, seeds, means, stop votes.
 
 Everything here works the same under `deepspeed`, `torchrun` and as one plain process, which is a
 world of one.
@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import os
 import random
-import signal
+import socket
 from datetime import timedelta
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from ..errors import UsageError
 
 
 def dist_env() -> tuple[int, int, int]:
@@ -38,9 +40,38 @@ def start_process_group(local_rank: int, timeout_s: float) -> None:
         ("MASTER_PORT", "29500"),
     ):
         os.environ.setdefault(key, value)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
+    device = rank_device(local_rank)
+    if device is not None:
+        torch.cuda.set_device(device)
     deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
+
+
+def rank_device(local_rank: int) -> int | None:
+    """This rank's CUDA device among those it sees, or None on CPU.
+
+    Slurm binds GPUs by CUDA_VISIBLE_DEVICES: every task of a node sees the node's GPUs
+    (--gpus-per-node), or each task sees its own (--gpus-per-task=1, --gpu-bind=single:1), and
+    device 0 is then its GPU. A launch that counted GPUs sets GAMA_DS_REQUIRE_GPU=1, so that a
+    node without a usable GPU ends the job with the reason instead of training on CPU in fp32."""
+    where = f"rank {os.environ.get('RANK', '0')} (local rank {local_rank}) on {socket.gethostname()}"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if not torch.cuda.is_available():
+        if os.environ.get("GAMA_DS_REQUIRE_GPU") == "1":
+            raise UsageError(
+                f"{where}: the launch counted GPUs (GAMA_DS_REQUIRE_GPU=1) but torch sees none "
+                f"(CUDA_VISIBLE_DEVICES={visible!r}, torch {torch.__version__} built for CUDA "
+                f"{torch.version.cuda}); check the node's driver and the job's GPU request"
+            )
+        return None
+    count = torch.cuda.device_count()
+    if count == 1:
+        return 0
+    if local_rank < count:
+        return local_rank
+    raise UsageError(
+        f"{where}: sees {count} GPUs (CUDA_VISIBLE_DEVICES={visible!r}), fewer than its local rank; "
+        "start one rank per GPU"
+    )
 
 
 def seed_everything(seed: int) -> None:
@@ -65,40 +96,37 @@ def mean_over_ranks(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
-def _start_resource_tracker_deaf_to_usr1() -> None:
-    """Slurm's --signal=USR1@T reaches every process of the job step, multiprocessing's resource
-    tracker too, which dies of it and leaves the DataLoader's semaphores to leak. Started with
-    USR1 ignored, it keeps that disposition (an ignored signal stays ignored across exec)."""
-    from multiprocessing import resource_tracker
+class StopVote:
+    """Whether any rank asked to stop, agreed by every rank at the same step, every step: a
+    SIGTERM leaves about 30 s, which a vote at logging steps only would miss on a slow model.
 
-    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    try:
-        resource_tracker.ensure_running()
-    finally:
-        signal.signal(signal.SIGUSR1, previous)
+    Each step sums the ranks' flags and reads the sum of the step before, which finished long
+    ago, so the GPU queue never drains for it: the sum goes to pinned host memory behind an
+    event, and waiting on that event waits for the previous step's work only. A stop is thus
+    agreed one step after the signal."""
 
+    def __init__(self, device):
+        self.device = torch.device(device)
+        cuda = self.device.type == "cuda"
+        self.host = torch.zeros(1, dtype=torch.float32, pin_memory=cuda)
+        self.done = None
+        self.pending = False
 
-class StopSignal:
-    """SIGTERM or SIGUSR1 (preemption, Slurm's warning) asks for a checkpoint and a clean exit.
+    def step(self, requested: bool) -> bool:
+        agreed = self._previous()
+        total = torch.full((1,), 1.0 if requested else 0.0, device=self.device)  # no host sync
+        if dist.is_initialized():
+            dist.all_reduce(total)
+        self.host.copy_(total, non_blocking=True)
+        if total.is_cuda:
+            self.done = torch.cuda.Event()
+            self.done.record()
+        self.pending = True
+        return agreed
 
-    The request is agreed on without a collective of its own: its flag travels in the all-reduce
-    the loop does for logging anyway (`flag`, then `agreed`), so every rank reads the same sum at
-    the same step and all save together, and a GPU is not stalled by an extra host sync per step.
-    """
-
-    def __init__(self):
-        self.received = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
-
-    def flag(self) -> float:
-        """This rank's vote, to be summed over ranks with the logging metrics."""
-        return 1.0 if self.received else 0.0
-
-    @staticmethod
-    def agreed(mean_flag: float) -> bool:
-        """True on every rank when any rank had the signal: the votes' mean is the same everywhere."""
-        return mean_flag > 0
+    def _previous(self) -> bool:
+        if not self.pending:
+            return False
+        if self.done is not None:
+            self.done.synchronize()
+        return self.host.item() > 0

@@ -20,10 +20,10 @@ from ..data.stream import StreamLoader, TrainStream, open_sets
 from ..data.tokenizer import load_tokenizer
 from ..errors import CheckpointError
 from ..exported import load_init
+from ..signals import listen_for_stop, start_resource_tracker_deaf_to_stop_signals
 from . import checkpoint
 from .distributed import (
-    StopSignal,
-    _start_resource_tracker_deaf_to_usr1,
+    StopVote,
     dist_env,
     mean_over_ranks,
     seed_everything,
@@ -35,7 +35,7 @@ from .held_out import MODEL_INPUTS, HeldOut
 from .metrics import ExampleTrace, Metrics, Window, device_peak_flops, flops_per_sample, flops_per_token
 from .partitioned import build_for_training, gathered_for_init
 from .preflight import eval_stream_config, preflight, stream_config
-from .run_record import write_run_file
+from .run_record import write_result_file, write_run_file
 from .watchdog import Watchdog
 
 log = logging.getLogger("gama_ds.train")
@@ -70,6 +70,7 @@ def train(recipe_path: str, overrides: list[str] = (), resume: str | None = None
 
 def _train(dog: Watchdog, recipe_path: str, overrides: list[str], resume: str | None, stop_at: int) -> dict:
     # -- 1. the recipe, and every check, before any process group exists
+    stop = listen_for_stop()  # a signal while the model loads still stops at the first step
     recipe = load_recipe(recipe_path, list(overrides))
     world, rank, local_rank = dist_env()
     digest = recipe_hash(recipe)
@@ -79,7 +80,7 @@ def _train(dog: Watchdog, recipe_path: str, overrides: list[str], resume: str | 
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format="%(message)s")
 
     # -- 2. processes, seeds, tokenizer, model (built identically on every rank)
-    _start_resource_tracker_deaf_to_usr1()  # before anything creates a semaphore
+    start_resource_tracker_deaf_to_stop_signals()  # before anything creates a semaphore
     start_process_group(local_rank, recipe.train.collective_timeout_s)
     dog.start(rank, world, recipe.train.heartbeat_timeout_s, recipe.train.stall_timeout_s)
     seed_everything(recipe.train.seed)
@@ -159,7 +160,7 @@ def _train(dog: Watchdog, recipe_path: str, overrides: list[str], resume: str | 
     saver = checkpoint.Saver(
         engine, ckpt_dir, c.every_steps, c.keep, client_state, lambda: dog.busy("save"), saved_at=step
     )
-    stop = StopSignal()
+    vote = StopVote(device)
     bar = progress_bar(total_steps, step, is_main)
     stopped, micro = None, 0
     while step < total_steps and not stopped:
@@ -178,11 +179,10 @@ def _train(dog: Watchdog, recipe_path: str, overrides: list[str], resume: str | 
             trace.step(step)
             if loader.at_epoch_end:
                 log_epoch(metrics, loader, window, step, device)
+            if vote.step(stop.received is not None):
+                stopped = stop.received or "a signal on another rank"
             if step % recipe.logging.every_steps == 0 or step == total_steps:
-                # The stop vote rides along: every rank reads the same mean at the same step.
-                *means, vote = mean_over_ranks([*window.rates(), stop.flag()], device)
-                if StopSignal.agreed(vote):
-                    stopped = stop.received or "a signal on another rank"
+                means = mean_over_ranks(window.rates(), device)
                 record = window.record(means, world)
                 metrics.log({"step": step, "epoch": loader.epoch, **record, "lr": scheduler.get_last_lr()[0]})
                 lr = scheduler.get_last_lr()[0]
@@ -205,6 +205,8 @@ def _train(dog: Watchdog, recipe_path: str, overrides: list[str], resume: str | 
     result["plot"] = metrics.close(recipe.logging.plot and not stopped)
     if stopped:
         log.info("stopped by %s at step %d; continue with --resume auto", stopped, step)
+    if is_main:
+        write_result_file(out_dir, result)
     dog.close()
     return result
 

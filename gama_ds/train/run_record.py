@@ -1,5 +1,6 @@
 """`run.json`: what a run was (recipe, its hash, command line, world size, DeepSpeed config,
-launcher variables, code commit), written by rank 0 when training starts."""
+launcher variables, code commit), written by rank 0 when training starts; `result.json`: how
+its latest start ended (the line the trainer prints), for nodes that do not see that line."""
 
 from __future__ import annotations
 
@@ -29,6 +30,17 @@ def write_run_file(out_dir, recipe, plan, digest, recipe_path, overrides, world,
     }
     with open(os.path.join(out_dir, RUN_FILE), "w", encoding="utf-8") as f:
         json.dump(record, f, indent=1)
+
+
+RESULT_FILE = "result.json"
+
+
+def write_result_file(out_dir: str, result: dict) -> None:
+    """Replaced whole (a reader on another node never sees half of it)."""
+    path = os.path.join(out_dir, RESULT_FILE)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(result, f)
+    os.replace(path + ".tmp", path)
 
 
 def launch_info() -> dict:
