@@ -95,17 +95,29 @@ def start(cmd: list[str], log: str, env: dict | None = None, preexec_fn=None) ->
 
 
 def stop(proc: subprocess.Popen) -> None:
-    """TERM, then KILL, to the process group this module started."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
+    """TERM, then KILL, to the process group this module started, until none of it is left: a
+    daemon under nsenter is nsenter's child, and may still be saving its state when nsenter
+    has died of the TERM."""
+
+    def gone() -> bool:
+        proc.poll()  # reaps nsenter, else it would count as left
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
+            os.killpg(proc.pid, sig)
+        deadline = time.monotonic() + 10
+        while not gone():
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        else:
+            return
+    raise RuntimeError(f"process group {proc.pid} ({proc.args[0]} ...) survived SIGKILL")
 
 
 def kill_marked(name: str, value: str) -> list[int]:
