@@ -94,12 +94,12 @@ def start(cmd: list[str], log: str, env: dict | None = None, preexec_fn=None) ->
         )
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """TERM, then KILL, to the process group this module started, until none of it is left: a
-    daemon under nsenter is nsenter's child, and may still be saving its state when nsenter
-    has died of the TERM."""
+def stop(*procs: subprocess.Popen) -> None:
+    """TERM, then KILL, to the process groups this module started, all at once, until none of
+    them is left: a daemon under nsenter is nsenter's child, and may still be saving its state
+    when nsenter has died of the TERM."""
 
-    def gone() -> bool:
+    def gone(proc) -> bool:
         proc.poll()  # reaps nsenter, else it would count as left
         try:
             os.killpg(proc.pid, 0)
@@ -107,17 +107,18 @@ def stop(proc: subprocess.Popen) -> None:
             return True
         return False
 
+    left = list(procs)
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
+        for proc in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
         deadline = time.monotonic() + 10
-        while not gone():
-            if time.monotonic() > deadline:
-                break
+        while left and time.monotonic() < deadline:
+            left = [p for p in left if not gone(p)]
             time.sleep(0.1)
-        else:
+        if not left:
             return
-    raise RuntimeError(f"process group {proc.pid} ({proc.args[0]} ...) survived SIGKILL")
+    raise RuntimeError(f"process groups {[p.pid for p in left]} survived SIGKILL")
 
 
 def kill_marked(name: str, value: str) -> list[int]:
@@ -209,7 +210,12 @@ class Node:
                 pids = f.read().split()
             return "ready" in tail(log) and pids and int(pids[0])
 
-        self.init = wait_for(ready, 30, f"{name}'s namespaces")  # its pid here, 1 on the node
+        try:
+            self.init = wait_for(ready, 30, f"{name}'s namespaces")  # its pid here, 1 on the node
+        except BaseException:
+            self.unshare.kill()  # and with it the init (--kill-child)
+            self.unshare.wait()
+            raise
         self.pid_ns = os.readlink(f"/proc/{self.init}/ns/pid")
 
     def enter(self, cmd: list[str], cwd=None) -> list[str]:
@@ -401,8 +407,7 @@ PidFile {tmp}/sshd.{node.name}.pid
         wait_for(up, 30, f"ssh from node1 into both nodes:\n{self.logs()}", every=0.5)
 
     def close(self) -> None:
-        for proc in self.procs:
-            stop(proc)
+        stop(*self.procs)
 
 
 class Slurm:
@@ -562,14 +567,16 @@ ReturnToService=2
             return
         # Jobs first, so that slurmd's step daemons take their training processes with them;
         # whatever remains dies with the nodes.
-        self.run("scancel", "--full", "--user=root", check=False)
+        controller = self.procs[1] if len(self.procs) > 1 else None
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and self.procs[1].poll() is None:
-            if not self.run("squeue", "-h", check=False).strip():
-                break
-            time.sleep(0.5)
-        for proc in reversed(self.procs):
-            stop(proc)
+        with contextlib.suppress(subprocess.TimeoutExpired):  # a controller that does not answer
+            if controller is not None and controller.poll() is None:
+                self.run("scancel", "--full", "--user=root", check=False)
+            while time.monotonic() < deadline and controller is not None and controller.poll() is None:
+                if not self.run("squeue", "-h", check=False).strip():
+                    break
+                time.sleep(0.5)
+        stop(*self.procs)
 
 
 @contextlib.contextmanager
