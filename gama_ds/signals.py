@@ -2,9 +2,10 @@
 
 Slurm signals every process of a job step: SIGUSR1 from `--signal=USR1@T` before the time limit,
 SIGTERM on scancel, preemption or a time limit without `--signal`, then SIGKILL after KillWait.
-DeepSpeed's launcher sends SIGTERM to its ranks and all their children. A rank answers either by
-saving a checkpoint at the next step; its DataLoader workers and multiprocessing's resource
-tracker receive the same signal and must survive it, or the rank fails before it can save.
+DeepSpeed's launcher, when it gets SIGTERM, sends it to its ranks and all their children. A rank
+answers either signal with a checkpoint at the next step; its DataLoader workers and
+multiprocessing's resource tracker receive the same signal and must survive it, or the rank
+fails before it can save.
 
 Nothing here imports torch: the entry points listen before the heavy imports, so a signal that
 arrives while a 7B model loads is remembered, not fatal.

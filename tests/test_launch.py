@@ -1,16 +1,15 @@
-"""launch/train.sh: checks before launching, and two nodes on one machine with the real
-DeepSpeed launcher in its no-ssh mode (each node starts its own launcher, NODE_RANK=0 and 1)."""
+"""launch/train.sh: checks before launching (two nodes without ssh train in
+test_launch_pipeline.py)."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT, synth_shards, train_env
+from conftest import ROOT, train_env
 from gama_ds.launch import HostfileError, check, main, parse_hostfile
 
 SCRIPT = os.path.join(ROOT, "launch", "train.sh")
@@ -76,57 +75,3 @@ def test_train_sh_refuses_a_bad_job_before_starting_anything(tmp_path):
     )
     assert done.returncode == 2 and f"{hostfile}:2: node-a is listed twice" in done.stderr
     assert "deepspeed" not in done.stderr.lower()
-
-
-def test_two_nodes_without_ssh_train_a_tiny_stage_to_the_end(tmp_path):
-    synth_shards(tmp_path, clips=16, test_clips=4, seed=5)
-    # Two "nodes" on loopback: node 0 is 127.0.0.1, node 1 another name for this machine.
-    hostfile = write(tmp_path / "hostfile", "127.0.0.1 slots=1\nlocalhost slots=1\n")
-    out = tmp_path / "run"
-    args = [
-        "tiny",
-        f"data.train=[{{path: {tmp_path / 'train'}}}]",
-        f"data.eval=[{{path: {tmp_path / 'test'}}}]",
-        f"train.output_dir={out}",
-        "train.max_steps=3",
-        "logging.every_steps=1",
-        "logging.tensorboard=false",
-        "logging.plot=false",
-    ]
-    env = {
-        **train_env(),
-        "HOSTFILE": hostfile,
-        "PYTHON": sys.executable,
-        "NO_SSH": "1",
-        "MASTER_PORT": "29677",
-    }
-    nodes = [
-        subprocess.Popen(
-            [SCRIPT, *args],
-            env={**env, "NODE_RANK": str(k)},
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-        for k in (0, 1)
-    ]
-    try:
-        logs = [n.communicate(timeout=420)[0] for n in nodes]
-    finally:
-        for n in nodes:
-            if n.poll() is None:
-                os.killpg(n.pid, 9)
-    assert [n.returncode for n in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
-    assert "2 node(s) x 1 = world size 2" in logs[0]
-    result = json.loads([x for x in logs[0].splitlines() if x.startswith('{"step"')][-1])
-    assert result["step"] == 3 and result["total_steps"] == 3
-    run = json.loads((out / "run.json").read_text())
-    assert run["world_size"] == 2
-    assert run["launch"]["GAMA_DS_LAUNCH"].startswith("launch/train.sh tiny")
-    assert run["launch"]["hostfile"] == (tmp_path / "hostfile").read_text()
-    assert run["launch"]["MASTER_ADDR"] == "127.0.0.1" and run["launch"]["NODE_RANK"] == "0"
-    # Both nodes share this folder: without ssh neither writes DeepSpeed's environment file.
-    assert not (tmp_path / ".gama_ds" / "deepspeed_env").exists()
-    assert (out / "checkpoints").is_dir()

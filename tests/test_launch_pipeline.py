@@ -70,7 +70,7 @@ def test_pipeline_chains_skips_finished_stages_and_resumes_the_interrupted_one(t
     try:
         wait_for(
             lambda: complete_tags(str(stage2 / "checkpoints")) or any(p.poll() is not None for p in nodes),
-            300,
+            600,  # two stages' start-up on a busy 2-core machine
             "a checkpoint of stage 2",
             every=0.05,
         )
@@ -89,6 +89,14 @@ def test_pipeline_chains_skips_finished_stages_and_resumes_the_interrupted_one(t
     assert "stage 2 (tiny) was stopped at a checkpoint; run the pipeline again" in logs[1].read_text()
     assert (runs / "stage1" / "export" / "gama_ds.json").exists()
     assert not (stage2 / "export").exists()
+    stage1 = json.loads((runs / "stage1" / "run.json").read_text())
+    assert stage1["world_size"] == 2 and "2 node(s) x 1 = world size 2" in logs[0].read_text()
+    launch = stage1["launch"]
+    assert launch["GAMA_DS_LAUNCH"].startswith("launch/train.sh tiny")
+    assert launch["hostfile"] == (tmp_path / "two_nodes").read_text()
+    assert launch["MASTER_ADDR"] == "127.0.0.1" and launch["NODE_RANK"] == "0"
+    # Both nodes share this folder: without ssh neither writes DeepSpeed's environment file.
+    assert not (tmp_path / ".gama_ds" / "deepspeed_env").exists()
     saved = int(complete_tags(str(stage2 / "checkpoints"))[-1].split("-")[1])
     assert 4 <= saved < STEPS
     log = logs[0]
