@@ -25,11 +25,12 @@ $(STAMP): setup.py
 demo: $(STAMP)
 	$(BIN)/gama-ds demo --out $(DEMO_DIR) $(DEMO_ARGS)
 
-# The launch tests start real daemons (sshd + pdsh, a one-node Slurm with munge) from Debian's
+# The launch tests build two nodes from namespaces (iproute2, util-linux) and start real daemons
+# on them (sshd + pdsh, a two-node Slurm with munge) from Debian's
 # packages: install what is missing when root with apt-get; under `make test` a launch test that
 # cannot run fails instead of skipping.
-CLUSTER_PACKAGES := openssh-server openssh-client pdsh slurmctld slurmd slurm-client munge
-CLUSTER_PROGRAMS := sshd ssh ssh-keygen pdsh slurmctld slurmd sbatch scontrol munged
+CLUSTER_PACKAGES := openssh-server openssh-client pdsh slurmctld slurmd slurm-client munge iproute2 util-linux
+CLUSTER_PROGRAMS := sshd ssh ssh-keygen pdsh slurmctld slurmd sbatch scontrol munged ip unshare nsenter
 
 cluster-packages:
 	@PATH="$$PATH:/usr/sbin:/sbin"; missing=; \

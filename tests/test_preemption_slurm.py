@@ -61,7 +61,7 @@ def test_scancel_saves_on_two_nodes_and_on_one_and_the_job_submitted_again_resum
         info = slurm.wait_state(job, ENDED, 120)
         log = output.read_text(errors="replace")
         assert info["JobState"] == "CANCELLED", log[-3000:]
-        assert info["NodeList"] == ("node[1-2]" if nodes == 2 else "node1")
+        assert info["NodeList"] in (["node[1-2]"] if nodes == 2 else ["node1", "node2"])
         assert "train.sbatch: SIGTERM: the ranks save a checkpoint and stop" in log
         assert "Traceback" not in log, log[-3000:]  # no rank and no DataLoader worker died of it
         if saved:
