@@ -61,5 +61,10 @@ bench: $(STAMP)
 	$(BIN)/python bench/zero3_memory.py
 	$(BIN)/torchrun --nproc_per_node 2 bench/reshard.py
 
+# The GPU path on one GPU in under 8 minutes, one line per check (bench/gpu_check.py); a single
+# SKIP line where there is no GPU. GPU_CHECK_ARGS="--device cpu" runs the same checks in fp32 on CPU.
+gpu-check: $(STAMP)
+	$(BIN)/python bench/gpu_check.py $(GPU_CHECK_ARGS)
+
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) demo_data .torch_extensions bench_out
