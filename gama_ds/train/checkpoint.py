@@ -216,7 +216,7 @@ def _to_universal(folder: str) -> None:
     with contextlib.redirect_stdout(chatter):
         ds_to_universal.main(args)
     log.debug(chatter.getvalue())
-    for root, dirs, files in os.walk(out, topdown=False):
+    for root, _dirs, files in os.walk(out, topdown=False):
         for name in files:
             _fsync(os.path.join(root, name))
         _fsync(root)
@@ -260,18 +260,21 @@ def prepare_resume(ckpt_dir: str, tag: str, world_size: int, ds_config: dict) ->
 
 
 def _own_step_tensors(optimizer) -> None:
-    """Each parameter its own Adam step tensor, where torch's AdamW keeps it: on the parameter's
-    device in fp32 for the fused (GPU) kernel, which refuses a step on another device, as
-    torch's own `load_state_dict` places it; the universal loader leaves it where it was read."""
-    for group in optimizer.param_groups:
-        on_device = group.get("fused") or group.get("capturable")
-        for p in group["params"]:
-            state = optimizer.state.get(p, {})
-            step = state.get("step")
-            if torch.is_tensor(step):
-                state["step"] = step.to(p.device, torch.float32) if on_device else step
-                if state["step"] is step:
-                    state["step"] = step.clone()
+    """Each parameter its own Adam step tensor, where torch's AdamW keeps it: beside its moments
+    (on the GPU, in fp32) for the fused kernel, which refuses a step on another device, as torch's
+    own `load_state_dict` places it; the universal loader leaves it where it was read. The states
+    are walked, not the groups' params: ZeRO-3 puts its partitions into the groups only while it
+    steps."""
+    on_device = optimizer.defaults.get("fused") or optimizer.defaults.get("capturable")
+    for state in optimizer.state.values():
+        step = state.get("step")
+        if not torch.is_tensor(step):
+            continue
+        moment = state.get("exp_avg")
+        if on_device and torch.is_tensor(moment):
+            state["step"] = step.to(moment.device, torch.float32)
+        if state["step"] is step:
+            state["step"] = step.clone()
 
 
 def _fresh_rng_state(ckpt_dir: str, tag: str, rank: int) -> None:
