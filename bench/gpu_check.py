@@ -59,7 +59,8 @@ def check(name: str):
                 status, figures = fn(*args)
             except Exception as err:  # noqa: BLE001 - every check reports, the next one runs
                 traceback.print_exc(file=sys.stderr)
-                status, figures = "FAIL", f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:300]}"
+                last = (str(err).strip().splitlines() or [""])[-1][:300]
+                status, figures = "FAIL", f"{type(err).__name__}: {last}"
             report(status, name, f"{figures} ({time.perf_counter() - started:.1f} s)")
 
         return run

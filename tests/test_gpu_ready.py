@@ -13,10 +13,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import synth_shards, train_env
 from gama_ds.model.llm import flash_extension_loads
-from gama_ds.train.checkpoint import COMPLETE, complete_tags
+from gama_ds.train.checkpoint import COMPLETE, _own_step_tensors, complete_tags
 from gama_ds.train.extensions import OUR_LOCK, TORCH_LOCK
 from gama_ds.train.metrics import PEAK_ENV, peak_flops
 
@@ -174,3 +175,24 @@ def test_flash_attention_counts_only_when_its_cuda_extension_imports(tmp_path, m
         assert flash_extension_loads("broken_flash_cuda") is False
     assert "broken_flash_cuda does not load" in caplog.text
     assert flash_extension_loads("json") is True
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_universal_resume_gives_each_adam_state_its_own_step_where_adamw_wants_it(fused):
+    """DeepSpeed's universal loader hands every partition one shared step tensor, as read from
+    the file: plain AdamW then advances it once per partition, fused AdamW (our GPU optimizer;
+    torch has it on CPU too) refuses a step of another dtype or device."""
+    params = [torch.nn.Parameter(torch.randn(3)) for _ in range(2)]
+    opt = torch.optim.AdamW(params, fused=fused or None)
+    for p in params:
+        p.grad = torch.ones(3)
+    opt.step()
+    shared = torch.tensor(1, dtype=torch.int64 if fused else torch.float32)
+    for state in opt.state.values():
+        state["step"] = shared
+    _own_step_tensors(opt)
+    opt.step()
+    steps = [state["step"] for state in opt.state.values()]
+    assert [float(s) for s in steps] == [2.0, 2.0] and steps[0] is not steps[1]
+    if fused:
+        assert all(s.dtype == torch.float32 for s in steps)
