@@ -9,7 +9,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 DEMO_DIR ?= demo_run
 DEMO_ARGS ?=
 
-.PHONY: demo test bench lint env clean cluster-packages
+.PHONY: demo test bench lint env clean cluster-packages gpu-check
 
 env: $(STAMP)
 
@@ -26,11 +26,11 @@ demo: $(STAMP)
 	$(BIN)/gama-ds demo --out $(DEMO_DIR) $(DEMO_ARGS)
 
 # The launch tests build two nodes from namespaces (iproute2, util-linux) and start real daemons
-# on them (sshd + pdsh, a two-node Slurm with munge) from Debian's
-# packages: install what is missing when root with apt-get; under `make test` a launch test that
-# cannot run fails instead of skipping.
-CLUSTER_PACKAGES := openssh-server openssh-client pdsh slurmctld slurmd slurm-client munge iproute2 util-linux
-CLUSTER_PROGRAMS := sshd ssh ssh-keygen pdsh slurmctld slurmd sbatch scontrol munged ip unshare nsenter
+# on them (sshd + pdsh, a two-node Slurm with munge) from Debian's packages; test_gpu_ready
+# watches a run's system calls with strace. Install what is missing when root with apt-get;
+# under `make test` a test that cannot run fails instead of skipping.
+CLUSTER_PACKAGES := openssh-server openssh-client pdsh slurmctld slurmd slurm-client munge iproute2 util-linux strace
+CLUSTER_PROGRAMS := sshd ssh ssh-keygen pdsh slurmctld slurmd sbatch scontrol munged ip unshare nsenter strace
 
 cluster-packages:
 	@PATH="$$PATH:/usr/sbin:/sbin"; missing=; \
@@ -61,6 +61,12 @@ bench: $(STAMP)
 	$(BIN)/python bench/epoch_coverage.py
 	$(BIN)/python bench/zero3_memory.py
 	$(BIN)/torchrun --nproc_per_node 2 bench/reshard.py
+	$(BIN)/python bench/save_time.py
+
+# The GPU path on one GPU in under 8 minutes, one line per check (bench/gpu_check.py); a single
+# SKIP line where there is no GPU. GPU_CHECK_ARGS="--device cpu" runs the same checks in fp32 on CPU.
+gpu-check: $(STAMP)
+	$(BIN)/python bench/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) demo_data .torch_extensions bench_out

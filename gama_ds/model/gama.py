@@ -130,7 +130,12 @@ class GamaModel(nn.Module):
         return self.audio.num_tokens
 
     def _inputs(self, fbank, input_ids, attention_mask, has_audio):
-        """[audio prefix ; text] embeddings and their attention mask."""
+        """[audio prefix ; text] embeddings and their attention mask, on the model's device
+        (inference hands in host tensors; in training they are there already)."""
+        device = self.llm.get_input_embeddings().weight.device
+        fbank, input_ids, attention_mask = fbank.to(device), input_ids.to(device), attention_mask.to(device)
+        if has_audio is not None:
+            has_audio = has_audio.to(device)
         text = self.llm.get_input_embeddings()(input_ids)
         prefix = self.audio(fbank.to(next(self.audio.parameters()).dtype)).to(text.dtype)
         audio_mask = torch.ones(prefix.shape[:2], dtype=attention_mask.dtype, device=attention_mask.device)
@@ -162,6 +167,7 @@ class GamaModel(nn.Module):
         )
         loss = None
         if labels is not None:
+            labels = labels.to(out.logits.device)
             losses = token_losses(out.logits, labels)
             count = (labels[:, 1:] != IGNORE).sum()
             loss = losses.sum() / count.clamp(min=1)

@@ -6,6 +6,8 @@ be built without its weights (`gama-ds estimate`, tests) and checked against a w
 
 from __future__ import annotations
 
+import functools
+import importlib
 import logging
 import os
 
@@ -59,11 +61,26 @@ def llm_config(name: str, vocab_size: int | None = None):
 
 
 def flash_attention_usable() -> bool:
+    """flash-attn installed, an Ampere or newer GPU, and its CUDA extension loads (transformers'
+    check looks at the package only, so a wheel built for another torch or CUDA passes it)."""
     from transformers.utils import is_flash_attn_2_available
 
     if not (torch.cuda.is_available() and is_flash_attn_2_available()):
         return False
-    return torch.cuda.get_device_capability()[0] >= 8  # flash-attn 2 needs Ampere or newer
+    if torch.cuda.get_device_capability()[0] < 8:
+        return False
+    return flash_extension_loads()
+
+
+@functools.cache
+def flash_extension_loads(module: str = "flash_attn_2_cuda") -> bool:
+    """Whether flash-attn's compiled kernels import; says why once when they do not."""
+    try:
+        importlib.import_module(module)
+    except (ImportError, OSError) as err:
+        log.warning("flash-attn's CUDA extension %s does not load (%s): attention uses sdpa", module, err)
+        return False
+    return True
 
 
 def choose_attention(requested: str, compute_dtype: torch.dtype) -> str:
@@ -76,8 +93,9 @@ def choose_attention(requested: str, compute_dtype: torch.dtype) -> str:
     else:
         if requested == "flash_attention_2" and not flash_attention_usable():
             raise ConfigError(
-                "model.attn_implementation flash_attention_2 needs flash-attn on an Ampere or newer GPU; "
-                "install gama_ds[flash] there, or use sdpa"
+                "model.attn_implementation flash_attention_2 needs flash-attn, with a CUDA extension that "
+                "loads, on an Ampere or newer GPU; install gama_ds[flash] there (built for this torch), "
+                "or use sdpa"
             )
         if requested == "flash_attention_2" and not half:
             raise ConfigError(

@@ -38,7 +38,9 @@ from ..errors import CheckpointError
 
 COMPLETE = "COMPLETE"
 UNIVERSAL = "universal"  # the tag's world-size-free copy, made on the first resume on another size
-_UNIVERSAL_DONE = "latest_universal"  # written last by ds_to_universal, next to its output folder
+# Ours, next to the output folder, once the conversion's files are durable (DeepSpeed's own
+# `latest_universal` comes before any fsync).
+_UNIVERSAL_DONE = "universal.COMPLETE"
 _OPTIM_FILE = re.compile(r"^(bf16_)?zero_pp_rank_\d+_mp_rank_00_optim_states\.pt$")
 log = logging.getLogger("gama_ds.train")
 _TAG = re.compile(r"^step-(\d{8})$")
@@ -96,20 +98,47 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def _fsync(path: str) -> None:
+    """A file's data, or a folder's entries, on stable storage."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_share(folder: str, rank: int, world: int) -> None:
+    """This rank's share of the folder's files, once every rank has written its own: on a local
+    disk fsync flushes a file whoever wrote it; Lustre and GPFS sync on any client's request,
+    and NFS clients commit their writes on close."""
+    names = sorted(n for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n)))
+    for name in names[rank::world]:
+        _fsync(os.path.join(folder, name))
+
+
 def save(engine, ckpt_dir: str, step: int, client_state: dict, keep: int) -> str:
-    """All ranks call this together."""
+    """All ranks call this together. `COMPLETE` is written only once every file of the tag and
+    the folder's entries are on stable storage, so that a node that crashes never leaves a
+    marker over a torn file; the marker is itself written to a temporary name, fsynced, renamed,
+    and the folder fsynced again."""
     tag = tag_for(step)
+    folder = os.path.join(ckpt_dir, tag)
     engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, exclude_frozen_parameters=True)
     rank = _rank()
-    torch.save(_rng_state(), os.path.join(ckpt_dir, tag, f"rng_rank{rank}.pt"))
-    _barrier()
+    torch.save(_rng_state(), os.path.join(folder, f"rng_rank{rank}.pt"))
+    _barrier()  # every rank's files written
+    _fsync_share(folder, rank, _world())
+    _barrier()  # and durable
     if rank == 0:
-        marker = os.path.join(ckpt_dir, tag, COMPLETE)
+        _fsync(folder)  # the files' entries
+        _fsync(ckpt_dir)  # the tag's own entry, and DeepSpeed's `latest`
+        marker = os.path.join(folder, COMPLETE)
         with open(marker + ".tmp", "w") as f:
             json.dump({"step": step, "recipe": client_state.get("recipe_hash"), "world_size": _world()}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(marker + ".tmp", marker)
+        _fsync(folder)  # the rename
         for old in complete_tags(ckpt_dir)[:-keep]:
             shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
     _barrier()
@@ -187,6 +216,15 @@ def _to_universal(folder: str) -> None:
     with contextlib.redirect_stdout(chatter):
         ds_to_universal.main(args)
     log.debug(chatter.getvalue())
+    for root, _dirs, files in os.walk(out, topdown=False):
+        for name in files:
+            _fsync(os.path.join(root, name))
+        _fsync(root)
+    _fsync(folder)
+    with open(os.path.join(folder, _UNIVERSAL_DONE), "w") as f:
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync(folder)
 
 
 def prepare_resume(ckpt_dir: str, tag: str, world_size: int, ds_config: dict) -> None:
@@ -221,6 +259,24 @@ def prepare_resume(ckpt_dir: str, tag: str, world_size: int, ds_config: dict) ->
     ds_config.setdefault("checkpoint", {})["load_universal"] = True
 
 
+def _own_step_tensors(optimizer) -> None:
+    """Each parameter its own Adam step tensor, where torch's AdamW keeps it: beside its moments
+    (on the GPU, in fp32) for the fused kernel, which refuses a step on another device, as torch's
+    own `load_state_dict` places it; the universal loader leaves it where it was read. The states
+    are walked, not the groups' params: ZeRO-3 puts its partitions into the groups only while it
+    steps."""
+    on_device = optimizer.defaults.get("fused") or optimizer.defaults.get("capturable")
+    for state in optimizer.state.values():
+        step = state.get("step")
+        if not torch.is_tensor(step):
+            continue
+        moment = state.get("exp_avg")
+        if on_device and torch.is_tensor(moment):
+            state["step"] = step.to(moment.device, torch.float32)
+        if state["step"] is step:
+            state["step"] = step.clone()
+
+
 def _fresh_rng_state(ckpt_dir: str, tag: str, rank: int) -> None:
     """A rank the checkpoint did not have (resumed on more ranks than wrote it): a state of its
     own, derived from rank 0's saved state and this rank, so that a rerun draws the same."""
@@ -247,9 +303,7 @@ def load(engine, ckpt_dir: str, tag: str) -> dict:
         # same step tensor, which torch's Adam then advances in place once per group and step.
         for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr(), strict=True):
             group["lr"] = lr
-        for state in engine.optimizer.optimizer.state.values():
-            if torch.is_tensor(state.get("step")):
-                state["step"] = state["step"].clone()
+        _own_step_tensors(engine.optimizer.optimizer)
     else:
         path, client_state = engine.load_checkpoint(ckpt_dir, tag=tag, load_module_strict=False)
     if path is None:

@@ -16,6 +16,7 @@ import torch
 
 from ..config import ConfigError, Recipe
 from ..model.weights import parameter_groups
+from .extensions import load_op
 
 # Inside the package, so that an installed gama_ds (not only a checkout) finds them.
 DS_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs")
@@ -25,14 +26,21 @@ def on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
+def native_bf16() -> bool:
+    """bf16 in hardware (Ampere and newer). torch's plain `is_bf16_supported()` also says yes on
+    V100 and T4, which only emulate it, many times slower than their fp16."""
+    return on_gpu() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def resolve_precision(recipe: Recipe) -> str:
     """bf16 | fp16 | fp32, checked against the device."""
     requested = recipe.train.precision
     if requested == "auto":
-        return "bf16" if on_gpu() and torch.cuda.is_bf16_supported() else "fp32"
-    if requested == "bf16" and on_gpu() and not torch.cuda.is_bf16_supported():
+        return "bf16" if native_bf16() else "fp32"
+    if requested == "bf16" and on_gpu() and not native_bf16():
         raise ConfigError(
-            f"train.precision bf16: {torch.cuda.get_device_name()} has no bf16; use fp16 or auto"
+            f"train.precision bf16: {torch.cuda.get_device_name()} has no bf16 in hardware (only "
+            "emulated); use fp16, or auto for fp32"
         )
     if requested == "fp16" and not on_gpu():
         raise ConfigError("train.precision fp16 needs a GPU (its loss scaling is GPU-only); use fp32 or bf16")
@@ -131,19 +139,19 @@ def param_groups(model, recipe: Recipe) -> list[dict]:
 
 
 def build_optimizer(model, recipe: Recipe, offload: bool):
-    """DeepSpeed's fused Adam on GPUs (its CPU Adam with offload); torch's AdamW on CPU, which
-    spares the ~50 s JIT build of DeepSpeed's CPU ops."""
+    """torch's AdamW, which needs no compiling on the node: its fused CUDA kernel on GPUs (ZeRO
+    steps it on the fp32 master partitions, on the GPU), its default on CPU. DeepSpeed's CPU
+    Adam only with offload, where the optimizer steps on the host; it is built once per node,
+    under gama_ds's lock (extensions.py). All three are the same AdamW: decoupled weight decay
+    from each group, bias correction, no amsgrad."""
     o = recipe.optim
     groups = param_groups(model, recipe)
     if offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
+        load_op("CPUAdamBuilder")
         return DeepSpeedCPUAdam(groups, lr=o.lr, betas=o.betas, eps=o.eps, adamw_mode=True)
-    if on_gpu():
-        from deepspeed.ops.adam import FusedAdam
-
-        return FusedAdam(groups, lr=o.lr, betas=o.betas, eps=o.eps, adam_w_mode=True)
-    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=True if on_gpu() else None)
 
 
 def initialize(model, recipe: Recipe, config: dict, total_steps: int):

@@ -31,6 +31,7 @@ from .distributed import (
     sum_over_ranks,
 )
 from .engine import initialize
+from .extensions import extensions_dir, skip_unused_ops
 from .held_out import MODEL_INPUTS, HeldOut
 from .metrics import ExampleTrace, Metrics, Window, device_peak_flops, flops_per_sample, flops_per_token
 from .partitioned import build_for_training, gathered_for_init
@@ -81,6 +82,8 @@ def _train(dog: Watchdog, recipe_path: str, overrides: list[str], resume: str | 
 
     # -- 2. processes, seeds, tokenizer, model (built identically on every rank)
     start_resource_tracker_deaf_to_stop_signals()  # before anything creates a semaphore
+    extensions_dir()  # node-local unless set
+    skip_unused_ops()  # nothing compiles at start (extensions.py)
     start_process_group(local_rank, recipe.train.collective_timeout_s)
     dog.start(rank, world, recipe.train.heartbeat_timeout_s, recipe.train.stall_timeout_s)
     seed_everything(recipe.train.seed)
@@ -149,7 +152,7 @@ def _train(dog: Watchdog, recipe_path: str, overrides: list[str], resume: str | 
     # checkpoints each decide for themselves whether this step is theirs
     metrics = Metrics(out_dir, is_main, recipe.logging.tensorboard, after_step=step)
     trace = ExampleTrace(out_dir, rank, recipe.logging.trace_examples, after_step=step)
-    peak = device_peak_flops() if plan.precision in ("bf16", "fp16") else None
+    peak = device_peak_flops(plan.precision)
     window = Window(device, model.num_audio_tokens, flops_per_token(model), flops_per_sample(model), peak)
     held_out = HeldOut(engine, eval_loader, device, dog, recipe.train.eval_every_steps, metrics)
 

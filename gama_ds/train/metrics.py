@@ -1,28 +1,89 @@
 """Training metrics: JSON lines, TensorBoard, a PNG of the curves, and model FLOPs utilisation.
 
 Only rank 0 writes. Throughput counts audio prefix tokens and text tokens; on GPUs MFU is the
-model's FLOPs per second over the device's dense 16-bit peak.
+model's FLOPs per second over the device's dense 16-bit peak (PEAK_TFLOPS, or GAMA_DS_PEAK_TFLOPS).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
+from collections.abc import Mapping
 
 import numpy as np
 import torch
 
-# Dense bf16 peak FLOP/s per device, from the vendors' data sheets (no sparsity).
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12}
+# Dense 16-bit tensor-core peak, TFLOP/s per GPU, from the vendors' data sheets (no sparsity:
+# the sheets' "*" figures halved), keyed by the exact name torch.cuda.get_device_name() reports.
+# bf16 and fp16 peak alike from Ampere on; V100 and T4 have no bf16, their figure is fp16's.
+# Exact names, not substrings: "NVIDIA L40" is not an "L4", "NVIDIA RTX A1000" not an "A100",
+# and an H100 PCIe is not an SXM.
+PEAK_TFLOPS = {
+    "NVIDIA GB200": 2500.0,
+    "NVIDIA B200": 2250.0,
+    "NVIDIA H200": 989.4,  # SXM
+    "NVIDIA H200 NVL": 835.5,
+    "NVIDIA GH200 480GB": 989.4,
+    "NVIDIA H100 80GB HBM3": 989.4,  # SXM5
+    "NVIDIA H100 PCIe": 756.5,
+    "NVIDIA H100 NVL": 835.5,
+    "NVIDIA A100-SXM4-40GB": 312.0,
+    "NVIDIA A100-SXM4-80GB": 312.0,
+    "NVIDIA A100-PCIE-40GB": 312.0,
+    "NVIDIA A100 80GB PCIe": 312.0,
+    "NVIDIA L40S": 362.05,
+    "NVIDIA L40": 181.05,
+    "NVIDIA L4": 121.0,
+    "NVIDIA A10": 125.0,
+    "NVIDIA RTX A6000": 154.8,
+    "NVIDIA RTX 6000 Ada Generation": 364.2,
+    "Tesla V100-SXM2-16GB": 125.0,
+    "Tesla V100-SXM2-32GB": 125.0,
+    "Tesla V100-PCIE-16GB": 112.0,
+    "Tesla V100-PCIE-32GB": 112.0,
+    "Tesla V100S-PCIE-32GB": 130.0,
+    "Tesla T4": 65.0,
+}
+PEAK_ENV = "GAMA_DS_PEAK_TFLOPS"  # a site's own figure, for a device the table lacks or clocks differently
+log = logging.getLogger("gama_ds.train")
 
 
-def device_peak_flops() -> float | None:
-    if not torch.cuda.is_available():
+def peak_flops(device_name: str, env: Mapping[str, str] = os.environ) -> float | None:
+    """FLOP/s to measure MFU against: the environment's figure, else the table's; None (with
+    one line saying so, at the caller) for a device the table lacks."""
+    override = env.get(PEAK_ENV)
+    if override:
+        try:
+            value = float(override)
+        except ValueError:
+            raise ValueError(f"{PEAK_ENV}={override!r}: give the peak in TFLOP/s, e.g. 989.4") from None
+        if value <= 0:
+            raise ValueError(f"{PEAK_ENV}={override!r}: the peak must be positive")
+        return value * 1e12
+    tflops = PEAK_TFLOPS.get(device_name.strip())
+    return tflops * 1e12 if tflops else None
+
+
+def device_peak_flops(precision: str) -> float | None:
+    """This device's peak for a run in `precision`: the environment's figure wherever it is set
+    (a CPU too); the table's for a GPU in bf16/fp16; None otherwise, and for a GPU the table
+    lacks, which the log says once (rank 0's)."""
+    if os.environ.get(PEAK_ENV):
+        return peak_flops("", os.environ)
+    if not torch.cuda.is_available() or precision not in ("bf16", "fp16"):
         return None
     name = torch.cuda.get_device_name()
-    # Longest names first, so that "L40S" is not taken for "L4".
-    return next((PEAK_BF16[k] for k in sorted(PEAK_BF16, key=len, reverse=True) if k in name), None)
+    peak = peak_flops(name)
+    if peak is None:
+        log.info(
+            "MFU: no peak known for the device %r, so the metrics carry no mfu; set %s to its "
+            "dense bf16 TFLOP/s (the data sheet's figure without sparsity)",
+            name,
+            PEAK_ENV,
+        )
+    return peak
 
 
 def _numel(p) -> int:
