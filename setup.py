@@ -16,7 +16,7 @@ setup(
     install_requires=[
         "torch>=2.6,<2.12",
         "torchaudio>=2.6,<2.12",
-        "deepspeed>=0.18.0,<0.20",
+        "deepspeed>=0.19.0,<0.20",
         "transformers>=5.23.0,<5.24",
         "peft>=0.18.0,<0.22",
         "accelerate>=1.2.1,<1.16",
