@@ -12,7 +12,8 @@ setup(
     # Ranges, so that a site's own torch (a CUDA build such as 2.6.0+cu124) is kept, not replaced.
     # Each bottom is the version in constraints-lowest.txt and each top the minor release of
     # constraints.txt: both sets are tested (README, "Installing by hand"). torch and torchaudio
-    # must be a matching pair, which their own wheels enforce.
+    # must be of one release, which pip cannot see (torchaudio 2.11.0 declares no torch): README
+    # names both when installing over a site's torch.
     install_requires=[
         "torch>=2.6,<2.12",
         "torchaudio>=2.6,<2.12",
