@@ -13,10 +13,11 @@ DEMO_ARGS ?=
 
 env: $(STAMP)
 
-$(STAMP): setup.py
+# setup.py declares ranges; constraints.txt holds the exact set that is tested and that CI gets.
+$(STAMP): setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip setuptools wheel
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 # The main job on the embedded default: synthesise a small audio QA set as real audio files,

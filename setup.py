@@ -9,25 +9,28 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["gama_ds", "gama_ds.*"]),
     package_data={"gama_ds": ["recipes/*.yaml", "ds_configs/*.json"]},
-    # Pinned to a set that installs and imports together (see README). torch and
-    # torchaudio are a matching pair; a local build such as 2.11.0+cu126 satisfies the pin.
+    # Ranges, so that a site's own torch (a CUDA build such as 2.6.0+cu124) is kept, not replaced.
+    # Each bottom is the version in constraints-lowest.txt and each top the minor release of
+    # constraints.txt: both sets are tested (README, "Installing by hand"). torch and torchaudio
+    # must be of one release, which pip cannot see (torchaudio 2.11.0 declares no torch): README
+    # names both when installing over a site's torch.
     install_requires=[
-        "torch==2.11.0",
-        "torchaudio==2.11.0",
-        "deepspeed==0.19.8",
-        "transformers==5.23.0",
-        "peft==0.21.2",
-        "accelerate==1.15.0",
-        "webdataset==1.0.2",
-        "xxhash==4.1.0",
-        "soundfile==0.14.0",
-        "numpy==2.4.6",
-        "scipy==1.17.1",
-        "safetensors==0.8.0",
-        "pyyaml==6.0.3",
-        "tqdm==4.70.1",
-        "tensorboard==2.21.0",
-        "matplotlib==3.11.2",
+        "torch>=2.6,<2.12",
+        "torchaudio>=2.6,<2.12",
+        "deepspeed>=0.19.0,<0.20",
+        "transformers>=5.23.0,<5.24",
+        "peft>=0.18.0,<0.22",
+        "accelerate>=1.2.1,<1.16",
+        "webdataset>=0.2.100,<1.1",
+        "xxhash>=3.4.1,<4.2",
+        "soundfile>=0.12.1,<0.15",
+        "numpy>=1.26.4,<2.5",
+        "scipy>=1.11.4,<1.18",
+        "safetensors>=0.8.0,<0.9",
+        "pyyaml>=6.0.1,<6.1",
+        "tqdm>=4.66.1,<4.71",
+        "tensorboard>=2.15.1,<2.22",
+        "matplotlib>=3.8.2,<3.12",
     ],
     extras_require={
         "flash": ["flash-attn==2.8.3.post2"],

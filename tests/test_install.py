@@ -3,11 +3,19 @@ configs and the bundled recipes, found from any working directory."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import shutil
 import subprocess
 import sys
+from importlib import metadata
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,3 +67,88 @@ def test_a_non_editable_install_finds_its_deepspeed_configs_and_recipes(tmp_path
         "zero3.json": [str(site / "gama_ds" / "ds_configs" / "zero3.json"), 3],
         "zero3_offload.json": [str(site / "gama_ds" / "ds_configs" / "zero3_offload.json"), 3],
     }
+
+
+# setup.py declares ranges; constraints.txt pins the set CI installs (the top of each range) and
+# constraints-lowest.txt the set tested at the bottom (README, "Installing by hand").
+def declared() -> dict[str, list[Requirement]]:
+    """install_requires and the dev extra, read from setup.py's source: no build, no metadata of
+    whichever copy of the project happens to be installed."""
+    tree = ast.parse(open(os.path.join(ROOT, "setup.py"), encoding="utf-8").read())
+    (call,) = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup"]
+    wanted = ("install_requires", "extras_require")
+    kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords if k.arg in wanted}
+    return {
+        "install_requires": [Requirement(r) for r in kwargs["install_requires"]],
+        "dev": [Requirement(r) for r in kwargs["extras_require"]["dev"]],
+    }
+
+
+def pins(name: str) -> dict[str, Version]:
+    found = {}
+    path = os.path.join(ROOT, name)
+    for number, line in enumerate(open(path, encoding="utf-8"), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        req = Requirement(line)
+        exact = [s for s in req.specifier if s.operator == "=="]
+        assert len(req.specifier) == 1 and exact, f"{name}:{number}: not an exact pin: {line}"
+        found[canonicalize_name(req.name)] = Version(exact[0].version)
+    return found
+
+
+def bound(req: Requirement, operator: str) -> Version | None:
+    versions = [Version(s.version) for s in req.specifier if s.operator == operator]
+    assert len(versions) <= 1, f"{req}: more than one {operator} bound"
+    return versions[0] if versions else None
+
+
+def test_torch_is_a_range_that_keeps_a_sites_cuda_build():
+    requires = {canonicalize_name(r.name): r for r in declared()["install_requires"]}
+    top, lowest = pins("constraints.txt"), pins("constraints-lowest.txt")
+    for name in ("torch", "torchaudio"):
+        spec = requires[name].specifier
+        assert not [s for s in spec if s.operator in ("==", "===", "~=")], f"{name} is pinned: {spec}"
+        # The forms a site's CUDA builds report, at both tested ends of the range.
+        for version in (f"{top[name]}+cu126", f"{lowest[name]}+cu124", f"{lowest[name]}+cu121"):
+            assert spec.contains(version), f"{name}{spec} refuses a site build {version}"
+    # torchaudio's wheels are built for one torch minor release: the two ends must pair up.
+    for pinned in (top, lowest):
+        assert pinned["torch"].release[:2] == pinned["torchaudio"].release[:2], pinned
+
+
+def test_every_requirement_is_a_range_from_the_lowest_tested_to_the_pinned_minor():
+    top, lowest = pins("constraints.txt"), pins("constraints-lowest.txt")
+    requires = declared()["install_requires"]
+    assert sorted(lowest) == sorted(canonicalize_name(r.name) for r in requires), "constraints-lowest.txt"
+    for req in requires:
+        name = canonicalize_name(req.name)
+        assert name in top, f"constraints.txt does not pin {name}"
+        assert req.specifier.contains(top[name]), f"{req}: constraints.txt's {top[name]} is outside"
+        assert bound(req, ">=") == lowest[name], f"{req}: the bottom is not the tested {lowest[name]}"
+        # The top admits patch releases of the tested minor, never an untested minor or major.
+        upper = bound(req, "<")
+        assert upper is not None, f"{req}: no upper bound"
+        next_minor = Version(f"{top[name].major}.{top[name].minor + 1}")
+        assert upper <= next_minor, f"{req}: the top passes {top[name]}'s minor release"
+
+
+def test_the_dev_tools_are_pinned_to_what_constraints_txt_installs():
+    top = pins("constraints.txt")
+    for req in declared()["dev"]:
+        name = canonicalize_name(req.name)
+        assert name in top and req.specifier.contains(top[name]), f"{req} vs constraints.txt {top.get(name)}"
+
+
+@pytest.mark.skipif(
+    os.path.realpath(sys.prefix) != os.path.realpath(os.path.join(ROOT, ".venv")),
+    reason="runs in the checkout's own .venv, the one `make` builds with constraints.txt",
+)
+def test_the_checkouts_venv_holds_exactly_the_constrained_set():
+    top = pins("constraints.txt")
+    for req in [*declared()["install_requires"], *declared()["dev"]]:
+        name = canonicalize_name(req.name)
+        installed = metadata.version(req.name)
+        # A local build tag (+cu130) is the same release.
+        assert SpecifierSet(f"=={top[name]}").contains(installed), f"{name} {installed}, pinned {top[name]}"
