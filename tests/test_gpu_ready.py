@@ -45,7 +45,7 @@ def traced(tmp_path_factory):
     trace = tmp / "strace.log"
     env = dict(train_env(), TORCH_EXTENSIONS_DIR=str(ext), MASTER_PORT=free_port())
     cmd = [
-        "strace", "-f", "-qq", "-y", "-o", str(trace),
+        "strace", "-f", "--seccomp-bpf", "-qq", "-y", "-o", str(trace),
         "-e", "trace=execve,fsync,fdatasync,rename,renameat,renameat2",
         sys.executable, "-m", "gama_ds", "train", "tiny",
         f"data.train=[{{path: {tmp / 'train'}}}]",
