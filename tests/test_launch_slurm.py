@@ -98,7 +98,9 @@ def test_two_node_stages_chain_and_a_usr1_warning_requeues_and_resumes_a_stage_o
     launch = record["launch"]
     assert record["world_size"] == 4
     assert launch["SLURM_JOB_ID"] == job and launch["SLURM_JOB_NODELIST"] == "node[1-2]"
-    assert launch["MASTER_ADDR"] in ("node1", two_nodes.node1.addr)
+    # node1's address as Slurm knows it (its NodeAddr), not a name the nodes would have to resolve.
+    assert launch["MASTER_ADDR"] == two_nodes.node1.addr
+    assert launch["hostfile"] == "node1 slots=2\nnode2 slots=2\n"
     # Every rank saved its share of the optimizer, node2's ranks too, on both saves.
     for step in (stopped["step"], STEPS):
         saved = run / "checkpoints" / f"step-{step:08d}"
