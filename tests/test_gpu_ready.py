@@ -29,7 +29,9 @@ def free_port() -> str:
         return str(s.getsockname()[1])
 
 
-COMPILERS = re.compile(r'execve\("[^"]*/(c\+\+|g\+\+|gcc|cc|clang\+\+|nvcc|ninja)"')
+# torch builds every extension with ninja (and CUDA sources with nvcc). A compiler run on its own
+# is a capability probe (DeepSpeed 0.19.0 test-compiles a test.c for async_io at import), not a build.
+COMPILERS = re.compile(r'execve\("[^"]*/(nvcc|ninja)", .*= 0$')
 
 
 @pytest.fixture(scope="module")
@@ -117,8 +119,9 @@ def test_a_stale_torch_extension_lock_is_reported_and_removed_not_waited_on(tmp_
     done = run_load_op(ext, {"CXX": "false"})
     said = done.stdout + done.stderr
     assert f"{lock}: stale torch extension lock" in said, said[-3000:]
-    # torch's builder, which runs only once it holds the lock, started, and failed on the compiler
-    assert "_write_ninja_file_and_build_library" in said and "['false', '--version']" in said, said[-3000:]
+    # torch's builder started, past the lock, and failed on the compiler (torch 2.11 asks it for
+    # `--version`, torch 2.6 for `-v`)
+    assert "CalledProcessError: Command '['false', '-" in said, said[-3000:]
     assert not lock.exists()  # torch released its own lock after the failed build
     assert (ext / OUR_LOCK).exists()
 
