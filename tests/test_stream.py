@@ -11,7 +11,6 @@ import shutil
 import signal
 import tarfile
 import threading
-import time
 
 import psutil
 import pytest
@@ -376,7 +375,7 @@ def test_workers_survive_stop_signals_from_their_first_instant(data):
                         for sig in (signal.SIGTERM, signal.SIGUSR1):
                             child.send_signal(sig)
                         hit.add(child.pid)
-            time.sleep(0.005)
+            done.wait(0.005)  # poll for new workers until the epoch is over
 
     previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     poker = threading.Thread(target=signal_new_workers, daemon=True)
