@@ -37,81 +37,31 @@ class Dataset:
         return "plain_ref_multi" if self.kind == "multi" else "plain_ref"
 
 
-_C = "ltu_colon_drop1"
+# Answer cuts (parse.ANSWER_RULES) shared by several sets.
+_LSTRIP, _DROP1, _AC2 = "ltu_colon_lstrip", "ltu_colon_drop1", "ltu_audio_caption_drop2"
+_PLAIN = dict(answer="plain_answer", truth="plain_ref", ltu=False)
 DATASETS = {
     d.name: d
     for d in (
+        Dataset("esc50", "ESC-50", "single", "acc", _LSTRIP, "ltu_colon", "ltu_name", False, 50, 2000),
         Dataset(
-            "esc50", "ESC-50", "single", "acc", "ltu_colon_lstrip", "ltu_colon", "ltu_name", False, 50, 2000
+            "dcase", "DCASE 2017", "single", "micro_f1", _DROP1, "ltu_colon_no_comma", "ltu_name", True, 17
         ),
-        Dataset(
-            "dcase", "DCASE 2017 task 4", "single", "micro_f1", _C, "ltu_colon_no_comma", "ltu_name", True, 17
-        ),
-        Dataset("vs", "VocalSound", "single", "acc", _C, "ltu_colon", "ltu_name", True, 6),
-        Dataset("tut", "TUT 2017", "single", "acc", _C, "ltu_colon_underscore", "ltu_name", True, 15),
-        Dataset("bjo", "Beijing Opera", "single", "acc", _C, "ltu_colon_no_shy_comma", "ltu_name", True, 4),
-        Dataset(
-            "vgg",
-            "VGGSound",
-            "single",
-            "acc",
-            "ltu_audio_caption_drop2",
-            "ltu_colon_space_lower",
-            "ltu_vgg",
-            True,
-            309,
-        ),
-        Dataset(
-            "fsd50k",
-            "FSD50K",
-            "multi",
-            "map",
-            "ltu_audio_caption_drop2",
-            "ltu_colon_space_multi",
-            "ltu_fsd",
-            False,
-            200,
-        ),
-        Dataset(
-            "as",
-            "AudioSet",
-            "multi",
-            "map",
-            "ltu_audio_caption_drop2",
-            "ltu_colon_space_multi",
-            "ltu_as",
-            False,
-            527,
-        ),
+        Dataset("vs", "VocalSound", "single", "acc", _DROP1, "ltu_colon", "ltu_name", True, 6),
+        Dataset("tut", "TUT 2017", "single", "acc", _DROP1, "ltu_colon_underscore", "ltu_name", True, 15),
+        Dataset("bjo", "BJO", "single", "acc", _DROP1, "ltu_colon_no_shy_comma", "ltu_name", True, 4),
+        Dataset("vgg", "VGGSound", "single", "acc", _AC2, "ltu_colon_space_lower", "ltu_vgg", True, 309),
+        Dataset("fsd50k", "FSD50K", "multi", "map", _AC2, "ltu_colon_space_multi", "ltu_fsd", False, 200),
+        Dataset("as", "AudioSet", "multi", "map", _AC2, "ltu_colon_space_multi", "ltu_as", False, 527),
         # Captions: LTU cuts both pred and ref with split(':')[-1][1:].
-        Dataset("audiocaps", "AudioCaps", "caption", "cider_d", _C, _C),
-        Dataset("clotho", "Clotho", "caption", "cider_d", _C, _C),
+        Dataset("audiocaps", "AudioCaps", "caption", "cider_d", _DROP1, _DROP1),
+        Dataset("clotho", "Clotho", "caption", "cider_d", _DROP1, _DROP1),
         # Ours: no LTU or GAMA script exists; the whole answer, labels as LTU names them.
-        Dataset(
-            "plain",
-            "any single-label set",
-            "single",
-            "acc",
-            "plain_answer",
-            "plain_ref",
-            "ltu_name",
-            ltu=False,
-        ),
-        Dataset("gtzan", "GTZAN genres", "single", "acc", "plain_answer", "plain_ref", "ltu_name", ltu=False),
-        Dataset(
-            "nsynth",
-            "NSynth instrument family",
-            "single",
-            "acc",
-            "plain_answer",
-            "plain_ref",
-            "ltu_name",
-            ltu=False,
-        ),
-        Dataset(
-            "medley", "Medley-solos-DB", "single", "acc", "plain_answer", "plain_ref", "ltu_name", ltu=False
-        ),
-        Dataset("clothoaqa", "ClothoAQA", "exact", "acc", "plain_answer", "plain_ref", ltu=False),
+        Dataset("plain", "any single-label set", "single", "acc", labels="ltu_name", **_PLAIN),
+        Dataset("gtzan", "GTZAN genres", "single", "acc", labels="ltu_name", **_PLAIN),
+        Dataset("nsynth", "NSynth instrument family", "single", "acc", labels="ltu_name", **_PLAIN),
+        Dataset("medley", "Medley-solos-DB", "single", "acc", labels="ltu_name", **_PLAIN),
+        Dataset("clothoaqa", "ClothoAQA", "exact", "acc", **_PLAIN),
     )
 }
 
