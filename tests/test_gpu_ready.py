@@ -1,6 +1,6 @@
-"""What a GPU node needs and a CPU can show: nothing compiled at start but the CPU collective, a stale extension lock
-never waited on, checkpoints durable before they count, the MFU peak from exact device names,
-flash-attn only with a CUDA extension that loads."""
+"""What a GPU node needs and a CPU can show: nothing compiled at start but the CPU collective, a
+stale extension lock never waited on, checkpoints durable before they count, the MFU peak from
+exact device names, flash-attn only with a CUDA extension that loads."""
 
 from __future__ import annotations
 
@@ -33,9 +33,7 @@ def free_port() -> str:
 # it runs ninja on every load too, a no-op when the op is built. `ninja --version` and a compiler
 # run on its own are capability probes (DeepSpeed 0.19.0 test-compiles a test.c for async_io at
 # import), not builds.
-COMPILERS = re.compile(
-    r'^(\d+) +execve\("[^"]*/(nvcc|ninja)", (?!\["ninja", "--version"\]).*= 0$'
-)
+COMPILERS = re.compile(r'^(\d+) +execve\("[^"]*/(nvcc|ninja)", (?!\["ninja", "--version"\]).*= 0$')
 CHDIR = re.compile(r'^(\d+) +chdir\("([^"]*)"\) += 0$')
 CPU_ONLY_OP = "deepspeed_shm_comm"  # DeepSpeed's CPU collective (extensions.py); no GPU node builds it
 
