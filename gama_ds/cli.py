@@ -246,6 +246,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--beams", type=_positive_int, help="beam search with this many beams")
     p.add_argument("--max-new-tokens", type=_positive_int, default=400)
     p.add_argument("--batch-size", type=_positive_int, default=8)
+    _add_placement(p)
 
 
 def _generate(args) -> int:
@@ -254,7 +255,7 @@ def _generate(args) -> int:
 
     if bool(args.audio) == bool(args.input) or bool(args.audio) != bool(args.question):
         raise UsageError("give either --audio FILE --question TEXT, or --input JSON")
-    model, tokenizer, info = _load_export(args.model)
+    model, tokenizer, info = _load_export(args, _placement(args))
     if args.audio:
         rows = [({"audio": args.audio}, args.audio, {"instruction": args.question, "input": ""})]
     else:
@@ -291,12 +292,32 @@ def _generate(args) -> int:
     return 0
 
 
-def _load_export(path: str):
+def _add_placement(p) -> None:
+    from .placement import DTYPES
+
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: the GPU when there is one)")
+    p.add_argument(
+        "--dtype", choices=DTYPES, help="bf16, fp16 or fp32 (default: bf16 on GPUs that have it, else fp32)"
+    )
+    p.add_argument("--llm", help="the export's base LLM from this folder (a moved or copied one)")
+
+
+def _placement(args):
+    """--device and --dtype, checked before anything loads."""
+    from .placement import choose_device, choose_dtype
+
+    device = choose_device(args.device)
+    return device, choose_dtype(args.dtype, device)
+
+
+def _load_export(args, placement):
     from .exported import is_export, load_export
 
-    if not is_export(path):
-        raise UsageError(f"--model {path} is not a gama-ds export (made by `gama-ds export RUN --out DIR`)")
-    return load_export(path)
+    if not is_export(args.model):
+        raise UsageError(
+            f"--model {args.model} is not a gama-ds export (made by `gama-ds export RUN --out DIR`)"
+        )
+    return load_export(args.model, *placement, llm=args.llm)
 
 
 def _add_eval(sub) -> None:
@@ -325,6 +346,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--max-new-tokens", type=_positive_int, default=32)
     p.add_argument("--batch-size", type=_positive_int, default=8)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_placement(p)
 
 
 def _eval(args) -> int:
@@ -333,6 +355,7 @@ def _eval(args) -> int:
 
     if (args.embedder or args.labels) and "classify" not in args.metric:
         raise UsageError("--embedder and --labels belong to --metric classify")
+    placement = _placement(args)
     labels = None
     if args.labels:
         try:
@@ -345,7 +368,7 @@ def _eval(args) -> int:
     if args.embedder and not os.path.isdir(args.embedder):
         raise UsageError(f"--embedder {args.embedder} is not a folder (an HF text-encoder folder)")
     embedder = TextEmbedder(args.embedder) if args.embedder else None
-    model, tokenizer, info = _load_export(args.model)
+    model, tokenizer, info = _load_export(args, placement)
     prompt = info["prompt"]
     result = evaluate(
         model,
@@ -360,6 +383,7 @@ def _eval(args) -> int:
         embedder,
         labels,
     )
+    result = {"device": str(placement[0]), "dtype": str(placement[1]).removeprefix("torch."), **result}
     if args.json:
         print(json.dumps(result))
     else:

@@ -52,27 +52,42 @@ def load_init(model, path: str) -> None:
         raise WeightsError(f"train.init {path}: {report.problems()}")
 
 
-def load_export(path: str):
-    """(model, tokenizer, info) from an export folder, with stock transformers and peft."""
+def load_export(path: str, device=None, dtype=None, llm: str | None = None):
+    """(model, tokenizer, info) from an export folder, with stock transformers and peft.
+
+    Every parameter on `device` in `dtype` (names or torch objects; None: gama_ds.placement's
+    defaults). Buffers stay as transformers and DeepSpeed keep them in training: the rotary
+    frequencies in fp32, so positions are as precise as the model was trained with.
+    `llm`: another folder holding the base LLM."""
+    import torch
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     from .model.gama import GamaAudio, GamaModel, LtuAudio
+    from .placement import choose_device, choose_dtype
 
+    device = device if isinstance(device, torch.device) else choose_device(device)
+    dtype = dtype if isinstance(dtype, torch.dtype) else choose_dtype(dtype, device)
     with open(os.path.join(path, INFO), encoding="utf-8") as f:
         info = json.load(f)
     cfg = from_dict(ModelConfig, info["model"])
-    llm_dir = (
+    llm_dir = llm or (
         cfg.llm
         if os.path.isabs(cfg.llm) or not os.path.isdir(os.path.join(path, cfg.llm))
         else os.path.join(path, cfg.llm)
     )
-    llm = AutoModelForCausalLM.from_pretrained(llm_dir, attn_implementation="sdpa")
+    # Straight onto a GPU in the target dtype: a 7B model never passes through host memory in fp32.
+    placed = {} if device.type == "cpu" else {"device_map": {"": device}}
+    base = AutoModelForCausalLM.from_pretrained(llm_dir, attn_implementation="sdpa", dtype=dtype, **placed)
     if info["lora"]:
-        llm = PeftModel.from_pretrained(llm, os.path.join(path, "adapter"))
+        # peft would upcast a 16-bit adapter to fp32: keep it in the base's dtype, as training did.
+        base = PeftModel.from_pretrained(
+            base, os.path.join(path, "adapter"), autocast_adapter_dtype=False, torch_device=str(device)
+        )
     audio_cls = GamaAudio if cfg.variant == "gama" else LtuAudio
-    audio_modules = audio_cls(cfg, llm.config.hidden_size)
+    audio_modules = audio_cls(cfg, base.config.hidden_size)
     audio_modules.load_state_dict(load_file(os.path.join(path, "audio.safetensors")))
+    model = GamaModel(audio_modules.to(device=device, dtype=dtype), base.to(device)).eval()
     tokenizer = load_tokenizer(os.path.join(path, "tokenizer"))
-    return GamaModel(audio_modules, llm).eval(), tokenizer, info
+    return model, tokenizer, info

@@ -212,3 +212,58 @@ def test_eval_cli_reports_classification_with_an_embedder(exported, bert_embedde
             env=train_env(), capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert bad.returncode != 0 and f"{path}: {message}" in bad.stderr, bad.stderr[-2000:]
+
+
+def test_every_module_runs_in_the_dtype_asked_for_and_bf16_answers_like_fp32(exported):
+    from gama_ds.data.collate import Collator
+    from gama_ds.infer import _loss
+
+    rows = json.load(open(exported["data"]["test"]))
+    root = os.path.dirname(exported["data"]["test"])
+    clips = [os.path.join(root, r["audio_id"]) for r in rows[:2]]
+    qas = [{"instruction": "How many beeps?", "input": ""}] * 2
+    losses = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        model, tokenizer, info = load_export(exported["export"], device="cpu", dtype=name)
+        params = dict(model.named_parameters())
+        assert len(params) > 100 and {(p.dtype, p.device.type) for p in params.values()} == {(dtype, "cpu")}
+        # Buffers as transformers and DeepSpeed keep them in training: the rotary frequencies
+        # stay fp32 (positions as precise as trained); every other floating buffer is in dtype.
+        floating = {n: b.dtype for n, b in model.named_buffers() if b.is_floating_point()}
+        assert floating and {d for n, d in floating.items() if "rotary_emb" not in n} <= {dtype}
+        assert {d for n, d in floating.items() if "rotary_emb" in n} == {torch.float32}
+        answers = generate(model, tokenizer, clips, qas, max_new_tokens=3, do_sample=False)
+        assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+        prompt = info["prompt"]
+        collator = Collator(tokenizer, prompt["cutoff_len"], prompt["template"], prompt["train_on_inputs"])
+        examples = [(s.fbank, qa) for s in _test_samples(exported) for qa in s.meta["qa"]][:8]
+        losses[name] = _loss(model, collator, examples, batch_size=4)
+    assert losses["fp32"] == pytest.approx(losses["bf16"], rel=0.02)  # the same model, in 8-bit mantissas
+
+
+def _test_samples(exported):
+    from gama_ds.data.shards import iter_samples, read_index
+
+    root = str(exported["tmp"] / "test")
+    return [s for e in read_index(root)["shards"] for s in iter_samples(f"{root}/{e['file']}")]
+
+
+def test_device_and_dtype_flags_are_checked_before_anything_loads(exported, tmp_path, capsys):
+    from gama_ds.cli import main
+
+    first = json.load(open(exported["data"]["test"]))[0]
+    audio_file = os.path.join(os.path.dirname(exported["data"]["test"]), first["audio_id"])
+    ask = ["--audio", audio_file, "--question", "How many beeps?"]
+    not_an_export = str(tmp_path)  # refused only after the flags: they are checked first
+    for argv, message in (
+        (["generate", "--model", not_an_export, *ask, "--device", "mps"], "--device mps: only cpu and cuda"),
+        (["generate", "--model", not_an_export, *ask, "--device", "gpu0"], "--device 'gpu0' is not a device"),
+        (["eval", "--model", not_an_export, "--shards", "x", "--device", "cpu", "--dtype", "fp16"],
+         "--dtype fp16 runs on a GPU only"),
+    ):  # fmt: skip
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err
+    assert main(["generate", "--model", exported["export"], *ask, "--greedy", "--max-new-tokens", "2",
+                 "--device", "cpu", "--dtype", "bf16"]) == 0  # fmt: skip
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["audio"] == audio_file and isinstance(line["answer"], str)
