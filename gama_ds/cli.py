@@ -223,13 +223,19 @@ def _add_export(sub) -> None:
     p.add_argument("run", help="a run directory (its latest complete checkpoint) or one checkpoint folder")
     p.add_argument("--out", required=True)
     p.add_argument("--merge", action="store_true", help="also write the LLM with LoRA merged (merged/)")
+    p.add_argument(
+        "--include-llm",
+        action="store_true",
+        help="copy the base LLM into the export (llm/) whatever its size (default: presets and LLMs "
+        "up to 1 GiB; a larger one is named by absolute path and fingerprint)",
+    )
 
 
 def _export(args) -> int:
     from .train.export import export
 
-    info = export(args.run, args.out, args.merge)
-    print(json.dumps({"out": args.out, **info["source"]}))
+    info = export(args.run, args.out, args.merge, args.include_llm)
+    print(json.dumps({"out": args.out, **info["source"], "base_llm": info["base_llm"]["folder"]}))
     return 0
 
 

@@ -4,7 +4,8 @@ An export folder holds:
   gama_ds.json         the architecture, aggregator mode, feature recipe, prompt settings, base LLM
   audio.safetensors    every audio module (encoder, aggregator, Q-Former, projections)
   adapter/             the LoRA adapter, for `peft.PeftModel.from_pretrained(base_llm, adapter)`
-  llm/                 the base LLM, when it was a preset rather than a model folder
+  llm/                 the base LLM, when the export carries it (presets, small LLMs, --include-llm);
+                       else gama_ds.json names its folder by absolute path, with a fingerprint
   tokenizer/           the tokenizer
   merged/              with --merge: the LLM with LoRA merged, for `AutoModelForCausalLM`
 Inference (`load_export`) and the next stage's `train.init` (`load_init`) read it from here;
@@ -23,6 +24,7 @@ from .model.weights import import_reference_path
 
 INFO = "gama_ds.json"
 FORMAT = "gama_ds.export"
+LLM_DIR = "llm"  # the base LLM inside an export, named relative to the export folder itself
 
 
 def is_export(path: str | None) -> bool:
@@ -72,11 +74,7 @@ def load_export(path: str, device=None, dtype=None, llm: str | None = None):
     with open(os.path.join(path, INFO), encoding="utf-8") as f:
         info = json.load(f)
     cfg = from_dict(ModelConfig, info["model"])
-    llm_dir = llm or (
-        cfg.llm
-        if os.path.isabs(cfg.llm) or not os.path.isdir(os.path.join(path, cfg.llm))
-        else os.path.join(path, cfg.llm)
-    )
+    llm_dir = base_llm_folder(path, info, llm)
     # Straight onto a GPU in the target dtype: a 7B model never passes through host memory in fp32.
     placed = {} if device.type == "cpu" else {"device_map": {"": device}}
     base = AutoModelForCausalLM.from_pretrained(llm_dir, attn_implementation="sdpa", dtype=dtype, **placed)
@@ -91,3 +89,35 @@ def load_export(path: str, device=None, dtype=None, llm: str | None = None):
     model = GamaModel(audio_modules.to(device=device, dtype=dtype), base.to(device)).eval()
     tokenizer = load_tokenizer(os.path.join(path, "tokenizer"))
     return model, tokenizer, info
+
+
+def base_llm_folder(path: str, info: dict, llm: str | None = None) -> str:
+    """The export's base LLM: the folder it names (inside it, or by absolute path), or `llm`,
+    a copy elsewhere; checked against the fingerprint taken when the export was written."""
+    from .model.llm_folder import fingerprint
+
+    base = info.get("base_llm")
+    if base is None:  # written before exports carried a fingerprint: as they were read then
+        named = info["model"]["llm"]
+        inside = os.path.join(path, named)
+        recorded = inside if not os.path.isabs(named) and os.path.isdir(inside) else named
+    else:
+        recorded = os.path.join(path, base["folder"]) if base["inside"] else base["folder"]
+    folder = llm or recorded
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        if llm:
+            raise WeightsError(f"--llm {llm} is not a model folder (no config.json there)")
+        raise WeightsError(
+            f"{path}: its base LLM {recorded} is not there (moved or deleted?); point at a copy of it "
+            "with --llm DIR (load_export(..., llm=DIR)), or export with --include-llm to carry it inside"
+        )
+    if base is not None:
+        found, wanted = fingerprint(folder), base["fingerprint"]
+        differs = [what for what in ("config", "weights") if found[what] != wanted[what]]
+        if differs:
+            parts = {"config": "config.json", "weights": "weight files (names, shapes, dtypes)"}
+            raise WeightsError(
+                f"{folder} is not the base LLM that {path} was trained on ({recorded}): their "
+                f"{' and '.join(parts[d] for d in differs)} differ; give --llm a copy of {recorded}"
+            )
+    return folder

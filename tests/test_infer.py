@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -27,14 +28,23 @@ from gama_ds.train.export import export
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """A tiny model trained for 2 steps on one CPU process, exported."""
+    """A tiny model trained for 2 steps on one CPU process, exported. As the demo does, the stage
+    starts from an export whose base LLM is inside it (`train.init`), and every path the run is
+    given is relative to the folder it runs in, not to where it is exported or used."""
+    from gama_ds.config import load_recipe
+    from gama_ds.model.build import build_model
+    from gama_ds.train.export import write_export
+
     tmp = tmp_path_factory.mktemp("infer")
     data = synth_shards(tmp, clips=16, test_clips=4, seed=3)
+    recipe = load_recipe("tiny")
+    write_export(build_model(recipe.model), recipe, str(tmp / "start"), source={"test": "start"})
     args = [
         "tiny",
-        f"data.train=[{{path: {tmp / 'train'}}}]",
-        f"data.eval=[{{path: {tmp / 'test'}}}]",
-        f"train.output_dir={tmp / 'run'}",
+        "data.train=[{path: train}]",
+        "data.eval=[{path: test}]",
+        "train.output_dir=run",
+        "train.init=start",
         "train.max_steps=2",
         "data.num_workers=0",
         "logging.plot=false",
@@ -42,6 +52,7 @@ def exported(tmp_path_factory):
     ]
     done = subprocess.run(
         [sys.executable, "-m", "gama_ds", "train", *args],
+        cwd=tmp,
         env=train_env(),
         capture_output=True,
         text=True,
@@ -267,3 +278,81 @@ def test_device_and_dtype_flags_are_checked_before_anything_loads(exported, tmp_
                  "--device", "cpu", "--dtype", "bf16"]) == 0  # fmt: skip
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["audio"] == audio_file and isinstance(line["answer"], str)
+
+
+def test_a_moved_and_a_copied_run_answer_from_any_working_directory(exported, tmp_path, monkeypatch):
+    from peft import AutoPeftModelForCausalLM
+
+    from gama_ds.cli import main
+
+    original = exported["tmp"]
+    export_dir = original / "export"
+    info = json.load(open(export_dir / "gama_ds.json"))
+    assert info["base_llm"]["inside"] and info["model"]["llm"] == "llm"
+    # Stock PEFT finds the base on its own, from what the adapter names (the export's llm/).
+    named = json.load(open(export_dir / "adapter" / "adapter_config.json"))["base_model_name_or_path"]
+    assert named == str(export_dir / "llm")
+    stock = AutoPeftModelForCausalLM.from_pretrained(str(export_dir / "adapter")).eval()
+    model, tokenizer, _ = load_export(str(export_dir))
+    ids = torch.tensor([tokenizer("### Instruction:\nHow many beeps?")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(stock(input_ids=ids).logits, model.llm(input_ids=ids).logits)
+    rows = json.load(open(exported["data"]["test"]))
+    clips = [os.path.join(os.path.dirname(exported["data"]["test"]), r["audio_id"]) for r in rows[:2]]
+    qas = [{"instruction": "How many beeps?", "input": ""}] * 2
+    before = generate(model, tokenizer, clips, qas, max_new_tokens=4, do_sample=False)
+
+    moved = tmp_path / "moved"
+    shutil.move(original, moved)  # the whole run folder: start export, run, export, audio
+    try:
+        shutil.copytree(moved, tmp_path / "copied")
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        monkeypatch.chdir(elsewhere)
+        for root in (moved, tmp_path / "copied"):
+            model, tokenizer, _ = load_export(str(root / "export"))
+            clips_here = [str(root / os.path.relpath(c, original)) for c in clips]
+            assert generate(model, tokenizer, clips_here, qas, max_new_tokens=4, do_sample=False) == before
+        clip = str(moved / os.path.relpath(clips[0], original))
+        ask = ["--audio", clip, "--question", "How many beeps?", "--greedy", "--max-new-tokens", "4"]
+        assert main(["generate", "--model", str(moved / "export"), *ask]) == 0
+    finally:
+        shutil.move(moved, original)
+
+
+def test_a_base_llm_outside_the_export_is_named_by_path_and_checked_by_fingerprint(
+    exported, tmp_path, monkeypatch
+):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    from gama_ds.config import load_recipe
+    from gama_ds.errors import WeightsError
+    from gama_ds.model.build import build_model
+    from gama_ds.model.llm import llm_config
+    from gama_ds.train import export as export_module
+
+    users_llm = tmp_path / "models" / "llama"
+    shutil.copytree(exported["tmp"] / "export" / "llm", users_llm)  # a user's model folder
+    recipe = load_recipe("tiny", [f"model.llm={users_llm}"])
+    monkeypatch.setattr(export_module, "SMALL_LLM_BYTES", 0)  # as a 7B LLM would be: named, not copied
+    out = tmp_path / "export"
+    info = export_module.write_export(build_model(recipe.model), recipe, str(out), source={"test": "outside"})
+    assert not info["base_llm"]["inside"] and info["base_llm"]["folder"] == str(users_llm)
+    assert not (out / "llm").exists()
+    adapter_base = json.load(open(out / "adapter" / "adapter_config.json"))["base_model_name_or_path"]
+    assert adapter_base == str(users_llm)
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(adapter_base), str(out / "adapter"))
+
+    shutil.move(users_llm, tmp_path / "moved_llm")
+    with pytest.raises(WeightsError, match=f"its base LLM {users_llm} is not there.*--llm DIR"):
+        load_export(str(out))
+    model, _, _ = load_export(str(out), llm=str(tmp_path / "moved_llm"))  # the same model, elsewhere: fine
+    assert model.llm.get_base_model().config.num_hidden_layers == 2
+
+    other = tmp_path / "other_llm"
+    LlamaForCausalLM(llm_config("tiny", vocab_size=300)).save_pretrained(other)
+    with pytest.raises(WeightsError) as err:
+        load_export(str(out), llm=str(other))
+    assert f"{other} is not the base LLM that {out} was trained on ({users_llm})" in str(err.value)
+    assert "config.json and weight files" in str(err.value)
