@@ -31,6 +31,11 @@ def is_export(path: str | None) -> bool:
     return bool(path) and os.path.isfile(os.path.join(path, INFO))
 
 
+def read_info(path: str) -> dict:
+    with open(os.path.join(path, INFO), encoding="utf-8") as f:
+        return json.load(f)
+
+
 def load_init(model, path: str) -> None:
     """A gama-ds export or a reference GAMA/LTU checkpoint, into a freshly built model.
 
@@ -71,8 +76,7 @@ def load_export(path: str, device=None, dtype=None, llm: str | None = None):
 
     device = device if isinstance(device, torch.device) else choose_device(device)
     dtype = dtype if isinstance(dtype, torch.dtype) else choose_dtype(dtype, device)
-    with open(os.path.join(path, INFO), encoding="utf-8") as f:
-        info = json.load(f)
+    info = read_info(path)
     cfg = from_dict(ModelConfig, info["model"])
     llm_dir = base_llm_folder(path, info, llm)
     # Straight onto a GPU in the target dtype: a 7B model never passes through host memory in fp32.

@@ -330,7 +330,9 @@ def test_a_base_llm_outside_the_export_is_named_by_path_and_checked_by_fingerpri
     from gama_ds.errors import WeightsError
     from gama_ds.model.build import build_model
     from gama_ds.model.llm import llm_config
+    from gama_ds.model.llm_folder import fingerprint
     from gama_ds.train import export as export_module
+    from gama_ds.train.preflight import llm_source
 
     users_llm = tmp_path / "models" / "llama"
     shutil.copytree(exported["tmp"] / "export" / "llm", users_llm)  # a user's model folder
@@ -356,3 +358,13 @@ def test_a_base_llm_outside_the_export_is_named_by_path_and_checked_by_fingerpri
         load_export(str(out), llm=str(other))
     assert f"{other} is not the base LLM that {out} was trained on ({users_llm})" in str(err.value)
     assert "config.json and weight files" in str(err.value)
+
+    carried = tmp_path / "carried"  # --include-llm: inside whatever its size, the same model
+    recipe.model.llm = str(tmp_path / "moved_llm")
+    info = export_module.write_export(build_model(recipe.model), recipe, str(carried), {}, include_llm=True)
+    assert info["base_llm"]["inside"] and info["base_llm"]["fingerprint"] == fingerprint(recipe.model.llm)
+    # The next stage (a preset LLM, train.init an export) trains on the export's base LLM, not on a
+    # preset's random weights: the one inside, or the named one, which must still be there.
+    assert llm_source(load_recipe("tiny", [f"train.init={carried}"])) == str(carried / "llm")
+    with pytest.raises(WeightsError, match=f"its base LLM {users_llm} is not there"):
+        llm_source(load_recipe("tiny", [f"train.init={out}"]))

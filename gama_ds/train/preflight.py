@@ -17,6 +17,7 @@ from ..data.plan import EpochPlan, PlanError
 from ..data.shards import ShardError
 from ..data.stream import StreamConfig, StreamError, open_sets
 from ..data.tokenizer import BYTES
+from ..exported import base_llm_folder, is_export, read_info
 from ..model.llm import PRESETS, choose_attention, is_preset
 from .checkpoint import complete_tags
 from .engine import accumulation_steps, resolve_ds_config, resolve_precision
@@ -50,8 +51,8 @@ def llm_source(recipe: Recipe) -> str:
         return m if is_preset(m) else os.path.abspath(m)
     if _is_hf_folder(init):
         return os.path.abspath(init)
-    if _is_hf_folder(os.path.join(init, "llm")):
-        return os.path.abspath(os.path.join(init, "llm"))
+    if is_export(init):  # its base LLM, inside it or named by path, checked by fingerprint
+        return os.path.abspath(base_llm_folder(init, read_info(init)))
     return m
 
 
