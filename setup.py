@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["gama_ds", "gama_ds.*"]),
-    package_data={"gama_ds": ["recipes/*.yaml", "ds_configs/*.json"]},
+    package_data={"gama_ds": ["recipes/*.yaml", "ds_configs/*.json", "serve/static/*"]},
     # Ranges, so that a site's own torch (a CUDA build such as 2.6.0+cu124) is kept, not replaced.
     # Each bottom is the version in constraints-lowest.txt and each top the minor release of
     # constraints.txt: both sets are tested (README, "Installing by hand"). torch and torchaudio

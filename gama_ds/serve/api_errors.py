@@ -1,0 +1,38 @@
+"""Errors a client caused, as OpenAI's API reports them, so that its clients raise the right
+exception (`openai.BadRequestError`, `AuthenticationError`, ...) with the message in it."""
+
+from __future__ import annotations
+
+
+class ApiError(Exception):
+    """A request the server refuses: `status` 4xx, and the fields of OpenAI's error object."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type: str = "invalid_request_error",
+    ):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def unauthorized(message: str) -> ApiError:
+    return ApiError(401, message, code="invalid_api_key")
+
+
+def too_large(limit: int) -> ApiError:
+    return ApiError(
+        413,
+        f"request body over the server's limit of {limit} bytes (--max-request-mb)",
+        code="request_too_large",
+    )
