@@ -241,20 +241,30 @@ def _add_generate(sub) -> None:
     p.add_argument("--input", help="a GAMA/LTU JSON, audio-QA JSON(L) or eval file of questions")
     p.add_argument("--out", help="write answers as JSON lines here (default: stdout)")
     p.add_argument(
-        "--greedy", action="store_true", help="greedy decoding (default: the reference's sampling)"
+        "--greedy",
+        action="store_true",
+        help="greedy decoding (default: the export's sampling settings, else the reference's)",
     )
     p.add_argument("--beams", type=_positive_int, help="beam search with this many beams")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=400)
+    p.add_argument(
+        "--max-new-tokens",
+        type=_positive_int,
+        help="default: the export's setting, else 400 (the reference's)",
+    )
     p.add_argument("--batch-size", type=_positive_int, default=8)
 
 
 def _generate(args) -> int:
     from .data.formats import read_inputs
-    from .infer import generate
+    from .exported import INFO
+    from .infer import export_generation, generate
 
     if bool(args.audio) == bool(args.input) or bool(args.audio) != bool(args.question):
         raise UsageError("give either --audio FILE --question TEXT, or --input JSON")
     model, tokenizer, info = _load_export(args.model)
+    defaults = export_generation(info, os.path.join(args.model, INFO))
+    max_new_tokens = defaults.pop("max_new_tokens")
+    max_new_tokens = args.max_new_tokens or max_new_tokens
     if args.audio:
         rows = [({"audio": args.audio}, args.audio, {"instruction": args.question, "input": ""})]
     else:
@@ -262,7 +272,7 @@ def _generate(args) -> int:
         for r in rejects:
             print(f"skipped {r.source}: {r.detail}", file=sys.stderr)
         rows = [({"audio": r.audio, "source": qa["source"]}, r.path, qa) for r in records for qa in r.qa]
-    kwargs = {}
+    kwargs = defaults
     if args.beams:
         kwargs = dict(num_beams=args.beams, do_sample=False)
     elif args.greedy:
@@ -274,7 +284,7 @@ def _generate(args) -> int:
         [qa for *_, qa in rows],
         info["prompt"]["template"],
         args.batch_size,
-        args.max_new_tokens,
+        max_new_tokens,
         **kwargs,
     )
     out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
@@ -297,6 +307,47 @@ def _load_export(path: str):
     if not is_export(path):
         raise UsageError(f"--model {path} is not a gama-ds export (made by `gama-ds export RUN --out DIR`)")
     return load_export(path)
+
+
+def _add_import(sub) -> None:
+    from .importer import AGGREGATORS, VARIANTS
+
+    p = sub.add_parser(
+        "import",
+        help="the released GAMA / GAMA-IT / LTU checkpoints -> an export that generate, eval and serve run",
+    )
+    p.add_argument(
+        "--base", required=True, help="the base folder: Llama-2-7b-chat-hf-qformer (GAMA), vicuna_ltu (LTU)"
+    )
+    p.add_argument(
+        "--checkpoint",
+        help="a stage checkpoint: checkpoint-N/ or its pytorch_model.bin (audio modules, LoRA)",
+    )
+    p.add_argument("--variant", choices=VARIANTS, default="gama")
+    p.add_argument(
+        "--aggregator",
+        choices=AGGREGATORS,
+        help="GAMA's aggregator: released (default; what the checkpoints were trained with) or paper",
+    )
+    p.add_argument("--out", required=True, help="the export folder to write (new or empty)")
+    p.add_argument("overrides", nargs="*", help="key=value recipe overrides for a model of other sizes")
+
+
+def _import(args) -> int:
+    from .importer import import_released
+
+    summary = import_released(
+        args.base,
+        args.checkpoint,
+        args.out,
+        args.variant,
+        args.aggregator,
+        args.overrides,
+        log=lambda line: print(line, file=sys.stderr),
+    )
+    keys = ("base", "checkpoint", "variant", "aggregator", "lora", "loaded", "unknown")
+    print(json.dumps({"out": args.out, **{k: summary[k] for k in keys}}))
+    return 0
 
 
 def _add_eval(sub) -> None:
@@ -489,6 +540,7 @@ COMMANDS = {
     "estimate": (_add_estimate, _estimate),
     "train": (_add_train, _train),
     "export": (_add_export, _export),
+    "import": (_add_import, _import),
     "generate": (_add_generate, _generate),
     "eval": (_add_eval, _eval),
     "synth": (_add_synth, _synth),

@@ -13,11 +13,39 @@ import re
 import torch
 
 from . import audio
-from .data.collate import IGNORE, Collator, Example, prompt_text
+from .data.collate import IGNORE, Collator, Example, ensure_pad_token, prompt_text
 from .errors import UsageError
 
 # The reference's batch inference settings (gama_inf.py).
 REFERENCE_SAMPLING = dict(do_sample=True, temperature=0.1, top_p=0.95, top_k=500, repetition_penalty=1.1)
+REFERENCE_GENERATION = {**REFERENCE_SAMPLING, "max_new_tokens": 400}
+
+
+def export_generation(info: dict, where: str = "gama_ds.json") -> dict:
+    """The generation settings an export carries (`generation` in its gama_ds.json, as
+    `gama-ds import` writes the reference's), else the reference's; each value checked."""
+    settings = info.get("generation")
+    if settings is None:
+        return dict(REFERENCE_GENERATION)
+    unknown = set(settings) - set(REFERENCE_GENERATION)
+    if unknown:
+        raise UsageError(f"{where}: generation.{sorted(unknown)[0]} is not a generation setting")
+    checks = {
+        "do_sample": lambda v: isinstance(v, bool),
+        "temperature": lambda v: _number(v) and v > 0,
+        "top_p": lambda v: _number(v) and 0 < v <= 1,
+        "top_k": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+        "repetition_penalty": lambda v: _number(v) and v > 0,
+        "max_new_tokens": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+    }
+    for key, value in settings.items():
+        if not checks[key](value):
+            raise UsageError(f"{where}: generation.{key} = {value!r} is out of range")
+    return {**REFERENCE_GENERATION, **settings}
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def generate(
@@ -34,6 +62,7 @@ def generate(
     or None for a text-only question."""
     settings = dict(REFERENCE_SAMPLING) if not generate_kwargs else {}
     settings.update(generate_kwargs, max_new_tokens=max_new_tokens)
+    ensure_pad_token(tokenizer)  # a Llama tokenizer has none; padding is masked
     answers: list[str] = []
     for start in range(0, len(qas), batch_size):
         fbank, input_ids, attention_mask, has_audio = prompt_batch(
