@@ -34,8 +34,15 @@ STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 
 
 def build_app(
-    options: ServeOptions, batcher: Batcher, defaults: dict, max_positions: int, created: int
+    options: ServeOptions,
+    batcher: Batcher,
+    defaults: dict,
+    max_new_tokens: int,
+    max_positions: int,
+    created: int,
 ) -> FastAPI:
+    """`defaults`: generate()'s sampling settings for requests that give none; `max_new_tokens`:
+    the answer's length limit for requests without max_tokens."""
     name = options.name
     limit = options.max_request_bytes
 
@@ -168,7 +175,7 @@ def build_app(
             features=features,
             qa={"instruction": question.text, "input": ""},
             settings=question.settings,
-            max_tokens=question.max_tokens or defaults_max_tokens(defaults),
+            max_tokens=question.max_tokens or max_new_tokens,
             seed=question.seed,
             batch_key=question.batch_key,
             loop=asyncio.get_running_loop(),
@@ -192,13 +199,6 @@ def build_app(
             job.cancelled = True  # done already, or the client went away: nothing more to generate
 
     return app
-
-
-DEFAULT_MAX_TOKENS = 400  # the reference's max_new_tokens (gama_inf.py), as `gama-ds generate`
-
-
-def defaults_max_tokens(defaults: dict) -> int:
-    return int(defaults.get("max_new_tokens", DEFAULT_MAX_TOKENS))
 
 
 class Reply:

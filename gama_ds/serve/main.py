@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -9,26 +10,28 @@ import sys
 from .options import ServeOptions
 
 
-def sampling_defaults(info: dict) -> dict:
-    """The export's own sampling settings when it records them, else the reference's (infer.py)."""
-    from ..infer import REFERENCE_SAMPLING
-
-    return dict(info.get("sampling") or REFERENCE_SAMPLING)
-
-
 def serve(options: ServeOptions) -> int:
     import uvicorn
 
+    from ..data.collate import ensure_pad_token
     from ..exported import INFO, load_export
+    from ..infer import export_generation
     from .app import build_app
     from .batcher import Batcher
 
     options.check()
+    info_path = os.path.join(options.model, INFO)
+    with open(info_path, encoding="utf-8") as f:
+        # The export's sampling settings (`gama-ds import` writes the reference's), else the
+        # reference's: checked, as the options are, before the model loads.
+        sampling = export_generation(json.load(f), info_path)
+    max_new_tokens = sampling.pop("max_new_tokens")
     model, tokenizer, info = load_export(options.model)
+    ensure_pad_token(tokenizer)  # a Llama tokenizer has none; padding is masked
     batcher = Batcher(model, tokenizer, info["prompt"]["template"], options.max_batch, options.batch_wait_ms)
     max_positions = int(getattr(model.llm.config, "max_position_embeddings", 0) or 1 << 20)
-    created = int(os.path.getmtime(os.path.join(options.model, INFO)))
-    app = build_app(options, batcher, sampling_defaults(info), max_positions, created)
+    created = int(os.path.getmtime(info_path))
+    app = build_app(options, batcher, sampling, max_new_tokens, max_positions, created)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s", stream=sys.stderr)
     print(
         f"gama-ds serve: {options.model} as {options.name!r} on http://{options.host}:{options.port}/ "
