@@ -31,10 +31,13 @@ setup(
         "tqdm>=4.66.1,<4.71",
         "tensorboard>=2.15.1,<2.22",
         "matplotlib>=3.8.2,<3.12",
+        "fastapi>=0.163.2,<0.164",
+        "uvicorn>=0.54.0,<0.55",
     ],
     extras_require={
         "flash": ["flash-attn==2.8.3.post2"],
-        "dev": ["pytest==9.2.0", "ruff==0.17.5"],
+        # openai and selenium: the stock client and a real browser driver for tests/test_serve.py.
+        "dev": ["pytest==9.2.0", "ruff==0.17.5", "openai==3.51.0", "selenium==4.51.0"],
     },
     entry_points={"console_scripts": ["gama-ds=gama_ds.cli:main"]},
 )
