@@ -433,3 +433,21 @@ def test_the_web_page_answers_an_uploaded_clip_and_draws_its_spectrogram(served)
         ), drawn
     finally:
         page.quit()
+
+
+def test_every_number_is_checked_before_the_model_loads(served, tmp_path, capsys):
+    from gama_ds.cli import main
+
+    export = os.path.dirname(served["clips"]["a.wav"]) + "/export"
+    for flags, message in [
+        (["--max-batch", "0"], "--max-batch must be at least 1, got 0"),
+        (["--batch-wait-ms", "-1"], "--batch-wait-ms must be a finite number at least 0"),
+        (["--max-audio-s", "nan"], "--max-audio-s must be a finite number above 0"),
+        (["--max-request-mb", "0"], "--max-request-mb must be a finite number above 0"),
+        (["--port", "70000"], "--port must be within 1..65535"),
+        (["--api-key", " "], "--api-key is empty"),
+    ]:
+        assert main(["serve", "--model", export, *flags]) == 2, flags
+        assert message in capsys.readouterr().err, flags
+    assert main(["serve", "--model", str(tmp_path)]) == 2
+    assert "is not a gama-ds export" in capsys.readouterr().err
