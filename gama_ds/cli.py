@@ -480,6 +480,7 @@ def _demo(args) -> int:
 
 
 def _add_serve(sub) -> None:
+    from .placement import DTYPES
     from .serve.options import API_KEY_ENV, ServeOptions
 
     d = ServeOptions(model="")
@@ -488,6 +489,11 @@ def _add_serve(sub) -> None:
     p.add_argument("--model-name", help="the model id clients send (default: the export folder's name)")
     p.add_argument("--host", default=d.host, help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=d.port, help=f"default {d.port}")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: the GPU when there is one)")
+    p.add_argument(
+        "--dtype", choices=DTYPES, help="bf16, fp16 or fp32 (default: bf16 on GPUs that have it, else fp32)"
+    )
+    p.add_argument("--llm", help="the export's base LLM from this folder (a moved or copied one)")
     p.add_argument(
         "--max-batch", type=int, default=d.max_batch, help=f"requests per batch (default {d.max_batch})"
     )
@@ -523,6 +529,9 @@ def _serve(args) -> int:
             model_name=args.model_name,
             host=args.host,
             port=args.port,
+            device=args.device,
+            dtype=args.dtype,
+            llm=args.llm,
             max_batch=args.max_batch,
             batch_wait_ms=args.batch_wait_ms,
             max_audio_s=args.max_audio_s,

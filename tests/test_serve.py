@@ -437,6 +437,7 @@ def test_the_web_page_answers_an_uploaded_clip_and_draws_its_spectrogram(served)
 
 def test_every_number_is_checked_before_the_model_loads(served, tmp_path, capsys):
     from gama_ds.cli import main
+    from gama_ds.serve.options import ServeOptions
 
     export = os.path.dirname(served["clips"]["a.wav"]) + "/export"
     for flags, message in [
@@ -446,8 +447,13 @@ def test_every_number_is_checked_before_the_model_loads(served, tmp_path, capsys
         (["--max-request-mb", "0"], "--max-request-mb must be a finite number above 0"),
         (["--port", "70000"], "--port must be within 1..65535"),
         (["--api-key", " "], "--api-key is empty"),
+        (["--device", "mps"], "--device mps: only cpu and cuda[:N]"),
+        (["--device", "cpu", "--dtype", "fp16"], "--dtype fp16 runs on a GPU only"),
+        (["--llm", str(tmp_path / "gone")], "is not a folder"),
     ]:
         assert main(["serve", "--model", export, *flags]) == 2, flags
         assert message in capsys.readouterr().err, flags
     assert main(["serve", "--model", str(tmp_path)]) == 2
     assert "is not a gama-ds export" in capsys.readouterr().err
+    placement = ServeOptions(model=export, device="cpu", dtype="bf16").check()
+    assert placement == (torch.device("cpu"), torch.bfloat16)  # what load_export is given

@@ -17,17 +17,20 @@ class ServeOptions:
     model_name: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
-    device: str | None = None
+    device: str | None = None  # None: gama_ds.placement's defaults (the GPU, bf16 where it has it)
     dtype: str | None = None
+    llm: str | None = None  # the export's base LLM from this folder (a moved or copied one)
     max_batch: int = 8
     batch_wait_ms: float = 20.0
     max_audio_s: float = 30.0
     max_request_mb: float = 25.0
     api_key: str | None = None
 
-    def check(self) -> None:
-        """Every number and name a user gave, before the model loads (minutes for a 7B export)."""
+    def check(self):
+        """Every number and name a user gave, before the model loads (minutes for a 7B export);
+        returns the (torch.device, torch.dtype) to load it on."""
         from ..exported import is_export
+        from ..placement import choose_device, choose_dtype
 
         if not is_export(self.model):
             raise UsageError(
@@ -53,6 +56,10 @@ class ServeOptions:
             raise UsageError("--api-key is empty; give a key or leave the option out")
         if self.model_name is not None and not self.model_name.strip():
             raise UsageError("--model-name is empty")
+        if self.llm is not None and not os.path.isdir(self.llm):
+            raise UsageError(f"--llm {self.llm} is not a folder (the export's base LLM, moved or copied)")
+        device = choose_device(self.device)
+        return device, choose_dtype(self.dtype, device)
 
     @property
     def name(self) -> str:
