@@ -3,9 +3,12 @@ exception (`openai.BadRequestError`, `AuthenticationError`, ...) with the messag
 
 from __future__ import annotations
 
+from ..errors import GamaDsError
 
-class ApiError(Exception):
-    """A request the server refuses: `status` 4xx, and the fields of OpenAI's error object."""
+
+class ApiError(GamaDsError):
+    """A request the server refuses (4xx; 500 when generation fails), with the fields of OpenAI's
+    error object. Raised inside a request's handler, where it becomes the response."""
 
     def __init__(
         self,
