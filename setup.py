@@ -36,8 +36,13 @@ setup(
     ],
     extras_require={
         "flash": ["flash-attn==2.8.3.post2"],
-        # openai and selenium: the stock client and a real browser driver for tests/test_serve.py.
-        "dev": ["pytest==9.2.0", "ruff==0.17.5", "openai==3.51.0", "selenium==4.51.0"],
+        # scikit-learn and pycocoevalcap: independent references for gama-ds score's AP and
+        # CIDEr-D in tests/test_score.py; nothing at run time imports them. openai and selenium:
+        # the stock client and a real browser driver for tests/test_serve.py.
+        "dev": [
+            "pytest==9.2.0", "ruff==0.17.5", "scikit-learn==1.9.1", "pycocoevalcap==1.2", "openai==3.51.0",
+            "selenium==4.51.0",
+        ],  # fmt: skip
     },
     entry_points={"console_scripts": ["gama-ds=gama_ds.cli:main"]},
 )

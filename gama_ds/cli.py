@@ -418,6 +418,55 @@ def _eval(args) -> int:
     return 0
 
 
+def _add_score(sub) -> None:
+    from .evaluate.datasets import DATASETS
+    from .evaluate.embed import POOLINGS
+    from .evaluate.score import PARSES
+
+    p = sub.add_parser("score", help="score LTU-format result rows by LTU's protocol (Table 1's numbers)")
+    p.add_argument("results", help="a JSON list of {prompt, pred, ref, audio_id} rows (ours or LTU's)")
+    p.add_argument("--dataset", required=True, choices=DATASETS, help="whose answer, label and metric rules")
+    p.add_argument("--labels", help="classification sets: the label CSV (LTU's index,mid,display_name)")
+    p.add_argument("--embedder", help="classification sets: a local text-encoder folder (BERT, SentenceBERT)")
+    p.add_argument(
+        "--pooling",
+        choices=POOLINGS,
+        help="of the embedder (default: the folder's sentence-transformers one, else mean)",
+    )
+    p.add_argument(
+        "--parse", choices=PARSES, help="ltu: LTU's answer cuts (default for LTU's sets); plain: whole answer"
+    )
+    p.add_argument("--metric", help="acc, micro_f1, map, cider_d or spice (default: the one Table 1 reports)")
+    p.add_argument(
+        "--spice-jar", help="captions: a spice-1.0.jar with CoreNLP in its lib/ (default: pycocoevalcap's)"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _score(args) -> int:
+    from .evaluate.embed import TextEmbedder
+    from .evaluate.score import score_results
+
+    if args.pooling and not args.embedder:
+        raise UsageError("--pooling belongs to --embedder")
+    embedder = TextEmbedder(args.embedder, args.pooling) if args.embedder else None
+    report = score_results(
+        args.results, args.dataset, args.labels, embedder, args.parse, args.metric, args.spice_jar
+    )
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    used = f"parse {report['parse']['rule']}"
+    if report["embedder"]:
+        used += f", embedder {report['embedder']['path']} ({report['embedder']['pooling']} pooling)"
+    print(f"{report['title']}: {report['metric']} = {report['value']:.4f} over {report['rows']} rows; {used}")
+    if "spice_not_computed" in report:
+        print(f"SPICE not computed: {report['spice_not_computed']}")
+    for note in report["notes"]:
+        print(f"note: {note}")
+    return 0
+
+
 def _add_synth(sub) -> None:
     p = sub.add_parser("synth", help="write a small synthetic audio QA set (audio files + JSON)")
     p.add_argument("--out", required=True)
@@ -552,6 +601,7 @@ COMMANDS = {
     "import": (_add_import, _import),
     "generate": (_add_generate, _generate),
     "eval": (_add_eval, _eval),
+    "score": (_add_score, _score),
     "synth": (_add_synth, _synth),
     "serve": (_add_serve, _serve),
 }

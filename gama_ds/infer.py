@@ -15,6 +15,8 @@ import torch
 from . import audio
 from .data.collate import IGNORE, Collator, Example, ensure_pad_token, prompt_text
 from .errors import UsageError
+from .evaluate.classify import cosine_scores, top1
+from .evaluate.embed import TextEmbedder  # noqa: F401  (re-exported: `gama-ds eval --embedder`)
 
 # The reference's batch inference settings (gama_inf.py).
 REFERENCE_SAMPLING = dict(do_sample=True, temperature=0.1, top_p=0.95, top_k=500, repetition_penalty=1.1)
@@ -118,30 +120,6 @@ def exact_match(predictions: list[str], references: list[str]) -> float:
     )
 
 
-class TextEmbedder:
-    """Sentences -> unit vectors with an HF encoder folder (BERT, SentenceBERT, ...): the last
-    hidden states mean-pooled over real tokens, as the LTU scripts' BERT setting does."""
-
-    def __init__(self, path: str, batch_size: int = 64):
-        from transformers import AutoModel, AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path).eval()
-        self.batch_size = batch_size
-
-    @torch.no_grad()
-    def __call__(self, texts: list[str]) -> torch.Tensor:
-        out = []
-        for start in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(
-                texts[start : start + self.batch_size], padding=True, truncation=True, return_tensors="pt"
-            )
-            hidden = self.model(**enc).last_hidden_state
-            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            out.append((hidden * mask).sum(1) / mask.sum(1).clamp(min=1))
-        return torch.nn.functional.normalize(torch.cat(out).float(), dim=-1)
-
-
 def classify_by_string(prediction: str, labels: list[str]) -> str | None:
     """The label the prediction names: equal after normalising, else the longest label it
     contains as whole words; None when it names none."""
@@ -157,8 +135,10 @@ def classify_by_string(prediction: str, labels: list[str]) -> str | None:
 def classify_by_embedding(predictions: list[str], labels: list[str], embedder) -> list[str]:
     """LTU's retrieval protocol: "sound of <text>" for both sides, the label of highest cosine."""
     labels = list(labels)
-    scores = embedder([f"sound of {p}" for p in predictions]) @ embedder([f"sound of {x}" for x in labels]).T
-    return [labels[i] for i in scores.argmax(dim=1).tolist()]
+    scores = cosine_scores(
+        embedder([f"sound of {p}" for p in predictions]), embedder([f"sound of {x}" for x in labels]), False
+    )
+    return [labels[i] for i in top1(scores).tolist()]
 
 
 def classification_accuracy(

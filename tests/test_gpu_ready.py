@@ -1,6 +1,6 @@
-"""What a GPU node needs and a CPU can show: nothing compiled at start but the CPU collective, a stale extension lock
-never waited on, checkpoints durable before they count, the MFU peak from exact device names,
-flash-attn only with a CUDA extension that loads."""
+"""What a GPU node needs and a CPU can show: nothing compiled at start but the CPU collective, a
+stale extension lock never waited on, checkpoints durable before they count, the MFU peak from
+exact device names, flash-attn only with a CUDA extension that loads."""
 
 from __future__ import annotations
 
