@@ -529,7 +529,6 @@ def _demo(args) -> int:
 
 
 def _add_serve(sub) -> None:
-    from .placement import DTYPES
     from .serve.options import API_KEY_ENV, ServeOptions
 
     d = ServeOptions(model="")
@@ -539,9 +538,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--host", default=d.host, help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=d.port, help=f"default {d.port}")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: the GPU when there is one)")
-    p.add_argument(
-        "--dtype", choices=DTYPES, help="bf16, fp16 or fp32 (default: bf16 on GPUs that have it, else fp32)"
-    )
+    p.add_argument("--dtype", help="bf16, fp16 or fp32 (default: bf16 on GPUs that have it, else fp32)")
     p.add_argument("--llm", help="the export's base LLM from this folder (a moved or copied one)")
     p.add_argument(
         "--max-batch", type=int, default=d.max_batch, help=f"requests per batch (default {d.max_batch})"
