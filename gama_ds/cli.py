@@ -558,6 +558,65 @@ def _demo(args) -> int:
     return 0 if result["passed"] else 1
 
 
+def _add_serve(sub) -> None:
+    from .serve.options import API_KEY_ENV, ServeOptions
+
+    d = ServeOptions(model="")
+    p = sub.add_parser("serve", help="an export behind an OpenAI-compatible chat API and a web page")
+    p.add_argument("--model", required=True, help="a gama-ds export folder")
+    p.add_argument("--model-name", help="the model id clients send (default: the export folder's name)")
+    p.add_argument("--host", default=d.host, help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=d.port, help=f"default {d.port}")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: the GPU when there is one)")
+    p.add_argument("--dtype", help="bf16, fp16 or fp32 (default: bf16 on GPUs that have it, else fp32)")
+    p.add_argument("--llm", help="the export's base LLM from this folder (a moved or copied one)")
+    p.add_argument(
+        "--max-batch", type=int, default=d.max_batch, help=f"requests per batch (default {d.max_batch})"
+    )
+    p.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=d.batch_wait_ms,
+        help=f"how long the oldest request waits for more to batch with (default {d.batch_wait_ms:g})",
+    )
+    p.add_argument(
+        "--max-audio-s", type=float, default=d.max_audio_s, help=f"longest clip (default {d.max_audio_s:g})"
+    )
+    p.add_argument(
+        "--max-request-mb",
+        type=float,
+        default=d.max_request_mb,
+        help=f"largest request body (default {d.max_request_mb:g})",
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV),
+        help=f"require `Authorization: Bearer KEY` (default: ${API_KEY_ENV}, else no key)",
+    )
+
+
+def _serve(args) -> int:
+    from .serve.main import serve
+    from .serve.options import ServeOptions
+
+    return serve(
+        ServeOptions(
+            model=args.model,
+            model_name=args.model_name,
+            host=args.host,
+            port=args.port,
+            device=args.device,
+            dtype=args.dtype,
+            llm=args.llm,
+            max_batch=args.max_batch,
+            batch_wait_ms=args.batch_wait_ms,
+            max_audio_s=args.max_audio_s,
+            max_request_mb=args.max_request_mb,
+            api_key=args.api_key,
+        )
+    )
+
+
 COMMANDS = {
     "demo": (_add_demo, _demo),
     "convert": (_add_convert, _convert),
@@ -571,6 +630,7 @@ COMMANDS = {
     "eval": (_add_eval, _eval),
     "score": (_add_score, _score),
     "synth": (_add_synth, _synth),
+    "serve": (_add_serve, _serve),
 }
 
 

@@ -67,19 +67,13 @@ def generate(
     ensure_pad_token(tokenizer)  # a Llama tokenizer has none; padding is masked
     answers: list[str] = []
     for start in range(0, len(qas), batch_size):
-        chunk = list(zip(clips[start : start + batch_size], qas[start : start + batch_size], strict=True))
-        fbank = torch.stack([_padded(c) for c, _ in chunk])
-        has_audio = torch.tensor([c is not None for c, _ in chunk])
-        enc = tokenizer(
-            [prompt_text(qa, template) for _, qa in chunk],
-            return_tensors="pt",
-            padding=True,
-            padding_side="left",
+        fbank, input_ids, attention_mask, has_audio = prompt_batch(
+            tokenizer, clips[start : start + batch_size], qas[start : start + batch_size], template
         )
         out = model.generate(
             fbank,
-            enc["input_ids"],
-            enc["attention_mask"],
+            input_ids,
+            attention_mask,
             has_audio,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
@@ -87,6 +81,22 @@ def generate(
         )
         answers += [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
     return answers
+
+
+def prompt_batch(tokenizer, clips: list, qas: list[dict], template: str):
+    """(fbank, input_ids, attention_mask, has_audio) of one batch for GamaModel.generate: padded
+    features, left-padded prompts. `gama-ds serve` builds its batches with it too."""
+    if len(clips) != len(qas):
+        raise ValueError(f"{len(clips)} clips for {len(qas)} questions")
+    fbank = torch.stack([_padded(c) for c in clips])
+    has_audio = torch.tensor([c is not None for c in clips])
+    enc = tokenizer(
+        [prompt_text(qa, template) for qa in qas],
+        return_tensors="pt",
+        padding=True,
+        padding_side="left",
+    )
+    return fbank, enc["input_ids"], enc["attention_mask"], has_audio
 
 
 def _padded(clip) -> torch.Tensor:
