@@ -462,6 +462,9 @@ MpiDefault=none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/builtin
+# A pending job whose dependency was met or whose StartTime came starts within the second, not
+# at the next pass of the main loop (60 s by default).
+SchedulerParameters=sched_interval=1
 JobRequeue=1
 ReturnToService=2
 {node_lines}PartitionName=test Nodes={names} Default=YES MaxTime=INFINITE State=UP

@@ -1,8 +1,8 @@
-"""One rank of tests/test_partitioned.py, started by torchrun: builds a run's model as its training
+"""One rank of tests/test_train.py, started by torchrun: builds a run's model as its training
 did (ZeRO-3, partitioned), reports what this rank holds, and writes the whole weights, gathered.
 
-usage: partitioned_probe.py RUN_DIR OUT_DIR PRECISION...   (fp32 | bf16, one build each)
-PROBE_LLM=FOLDER in the environment builds with that LLM folder instead of the run's LLM.
+usage: partitioned_probe.py RUN_DIR OUT_DIR BUILD...   (fp32 | bf16 | fp32+llm | bf16+llm, one build each)
+A build named +llm uses the LLM folder PROBE_LLM (in the environment) instead of the run's LLM.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def base_name(name: str) -> str:
     return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
 
 
-def main(run_dir: str, out: str, precisions: list[str]) -> None:
+def main(run_dir: str, out: str, builds: list[str]) -> None:
     import deepspeed
     from safetensors.torch import save_file
 
@@ -34,9 +34,11 @@ def main(run_dir: str, out: str, precisions: list[str]) -> None:
     with open(os.path.join(run_dir, "run.json"), encoding="utf-8") as f:
         run = json.load(f)
     report = {}
-    for precision in precisions:
+    for build in builds:
+        precision, own_llm = build.removesuffix("+llm"), build.endswith("+llm")
         recipe = from_dict(Recipe, run["recipe"])
-        recipe.model.llm = os.environ.get("PROBE_LLM", recipe.model.llm)
+        if own_llm:
+            recipe.model.llm = os.environ["PROBE_LLM"]
         ds_config = copy.deepcopy(run["deepspeed_config"])
         ds_config["bf16"]["enabled"] = precision == "bf16"
         seed_everything(recipe.train.seed)
@@ -44,7 +46,7 @@ def main(run_dir: str, out: str, precisions: list[str]) -> None:
         groups = parameter_groups(model)
         llm = {n: p for n, p in model.named_parameters() if groups[n] == "llm"}
         rest = {n: p for n, p in model.named_parameters() if groups[n] != "llm"}
-        report[precision] = {
+        report[build] = {
             "dtypes": sorted({str(p.dtype) for p in model.parameters()}),
             "llm_partitioned": all(hasattr(p, "ds_id") and p.numel() == 0 for p in llm.values()),
             "llm_elements_held": sum(p.ds_tensor.numel() for p in llm.values()),
@@ -57,7 +59,7 @@ def main(run_dir: str, out: str, precisions: list[str]) -> None:
             with deepspeed.zero.GatheredParameters([p]):
                 whole[base_name(name.removeprefix("llm."))] = p.detach().clone()
         whole.update({n: p.detach().clone() for n, p in rest.items()})
-        save_file(whole, os.path.join(out, f"{precision}-rank{rank}.safetensors"))
+        save_file(whole, os.path.join(out, f"{build}-rank{rank}.safetensors"))
         del model, keep
     with open(os.path.join(out, f"rank{rank}.json"), "w", encoding="utf-8") as f:
         json.dump({"world": world, **report}, f)

@@ -23,10 +23,10 @@ from gama_ds.train.checkpoint import COMPLETE, UNIVERSAL, saved_world_size
 
 BIN = os.path.dirname(sys.executable)
 RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_and_dump.py")
-EPOCH = 4  # 16 clips x 4 QA pairs = 64 examples per epoch, global batch 16: 4 steps
-FIRST, SECOND = 6, 10  # the stops: halfway through epochs 2 and 3
+EPOCH, EPOCHS = 4, 2  # 16 clips x 4 QA pairs = 64 examples per epoch, global batch 16: 4 steps
+FIRST, SECOND = 3, 6  # the stops: in mid-epoch, in the first epoch and in the second
 COMMON = [
-    "train.epochs=3",
+    f"train.epochs={EPOCHS}",
     "logging.every_steps=1",
     "logging.tensorboard=false",
     "logging.plot=false",
@@ -38,6 +38,10 @@ COMMON = [
     "logging.trace_examples=true",  # examples/rank<r>.jsonl: which examples each step trained on
 ]
 STAGES = {2: [], 3: ["deepspeed.zero_stage=3", "deepspeed.param_persistence_threshold=0"]}
+# Each stage's job, requeued twice on another world size: (ranks, DataLoader workers per rank) of
+# its three attempts. ZeRO-2 starts afresh on one rank with two workers, ZeRO-3 on two ranks
+# (batches made in the ranks): the trajectory depends on neither, and every hop is taken both ways.
+ATTEMPTS = {2: [(1, 2), (2, 1), (1, 0)], 3: [(2, 0), (1, 0), (2, 0)]}
 
 
 def free_port() -> int:
@@ -54,10 +58,10 @@ def shards(tmp_path_factory):
     return tmp  # 4 training shards x 4 clips
 
 
-def run(shards, out, ranks: int, overrides=(), extra=()) -> dict[int, dict]:
+def run(shards, out, ranks: int, overrides=(), extra=(), workers=0) -> dict[int, dict]:
     """Train under `ranks` processes; this run's metrics records by step."""
     args = ["tiny", f"data.train=[{{path: {shards / 'train'}}}]", f"train.output_dir={out}", *COMMON]
-    args += [*overrides, *extra]
+    args += [f"data.num_workers={workers}", *overrides, *extra]
     port = str(free_port())
     if ranks > 1:
         cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", str(ranks), "--master_port", port]
@@ -76,23 +80,25 @@ def run(shards, out, ranks: int, overrides=(), extra=()) -> dict[int, dict]:
 
 @pytest.fixture(scope="module")
 def uninterrupted(shards):
-    """Three epochs on two ranks, ZeRO-2 (ZeRO-3 follows the same trajectory: test_train.py)."""
+    """Two epochs on two ranks, ZeRO-2 (ZeRO-3 follows the same trajectory: test_train.py)."""
     return run(shards, shards / "uninterrupted", 2, STAGES[2])
 
 
 @pytest.fixture(scope="module")
 def requeued(shards):
     """stage -> (output folder, records by step): a job requeued twice on another node count, in
-    mid-epoch: 2 ranks stop at step 6, 1 rank continues to step 10, 2 ranks finish. Runs once."""
+    mid-epoch (ATTEMPTS): stopped at step 3, continued to step 6, finished. Runs once."""
     done = {}
 
     def get(stage: int):
         if stage not in done:
             out = shards / f"zero{stage}"
-            records = run(shards, out, 2, STAGES[stage], ["--stop-at", str(FIRST)])
-            records.update(run(shards, out, 1, STAGES[stage], ["--resume", "auto", "--stop-at", str(SECOND)]))
-            records.update(run(shards, out, 2, STAGES[stage], ["--resume", "auto"]))
-            assert sorted(records) == list(range(1, 3 * EPOCH + 1))
+            (n0, w0), (n1, w1), (n2, w2) = ATTEMPTS[stage]
+            records = run(shards, out, n0, STAGES[stage], ["--stop-at", str(FIRST)], w0)
+            resume = ["--resume", "auto", "--stop-at", str(SECOND)]
+            records.update(run(shards, out, n1, STAGES[stage], resume, w1))
+            records.update(run(shards, out, n2, STAGES[stage], ["--resume", "auto"], w2))
+            assert sorted(records) == list(range(1, EPOCHS * EPOCH + 1))
             done[stage] = out, records
         return done[stage]
 
@@ -100,7 +106,11 @@ def requeued(shards):
 
 
 # (stage, the step of the checkpoint, the world size that wrote it, the one that resumed it)
-HOPS = [(stage, step, n, m) for stage in STAGES for step, n, m in ((FIRST, 2, 1), (SECOND, 1, 2))]
+HOPS = [
+    (stage, step, ATTEMPTS[stage][k][0], ATTEMPTS[stage][k + 1][0])
+    for stage in STAGES
+    for k, step in enumerate((FIRST, SECOND))
+]
 
 
 @pytest.mark.parametrize("stage, step, saved_on, resumed_on", HOPS)
@@ -127,17 +137,23 @@ def test_the_state_crosses_world_sizes_intact(requeued, uninterrupted, stage, st
     assert before["optimizer_steps"] == after["optimizer_steps"] == [step]  # Adam's bias correction
     assert after["lr"] == before["lr"] and after["global_steps"] == step
     # The schedule goes on as in the uninterrupted run.
-    for s in range(step + 1, min(step + EPOCH, 3 * EPOCH) + 1):
+    for s in range(step + 1, min(step + EPOCH, EPOCHS * EPOCH) + 1):
         assert records[s]["lr"] == pytest.approx(uninterrupted[s]["lr"], rel=1e-9), s
 
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_losses_after_each_resume_follow_the_uninterrupted_run(requeued, uninterrupted, stage):
-    _, records = requeued(stage)
+    out, records = requeued(stage)
     for step, record in records.items():
         # fp32, dropout off, the same global batches: only the order of the reductions differs
-        # (1 vs 2 ranks, ZeRO-2 vs 3).
+        # (1 vs 2 ranks, ZeRO-2 vs 3, 0, 1 or 2 workers).
         assert record["loss"] == pytest.approx(uninterrupted[step]["loss"], rel=2e-4), step
+    # The last attempt's world: one rank accumulates twice as many micro-batches as each of two
+    # did, for the same global batch of 16.
+    last = json.loads((out / "run.json").read_text())
+    ranks = ATTEMPTS[stage][-1][0]
+    assert last["world_size"] == ranks
+    assert last["deepspeed_config"]["gradient_accumulation_steps"] == 4 // ranks
 
 
 def traced(out) -> dict[int, list[str]]:
@@ -154,10 +170,10 @@ def traced(out) -> dict[int, list[str]]:
 def test_every_step_after_a_resume_trains_the_uninterrupted_runs_examples(requeued, uninterrupted, stage):
     out, _ = requeued(stage)
     mine, whole = traced(out), traced(out.parent / "uninterrupted")
-    assert sorted(mine) == sorted(whole) == list(range(1, 3 * EPOCH + 1))
+    assert sorted(mine) == sorted(whole) == list(range(1, EPOCHS * EPOCH + 1))
     assert all(len(mine[s]) == 16 for s in mine)  # one global batch each, every rank's share traced
     assert mine == whole  # the same examples at every step: none repeated or skipped by the hops
-    for epoch in range(3):
+    for epoch in range(EPOCHS):
         seen = [k for s in range(epoch * EPOCH + 1, (epoch + 1) * EPOCH + 1) for k in mine[s]]
         assert len(seen) == len(set(seen)) == 64  # every example of the epoch once
 
