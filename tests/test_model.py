@@ -104,6 +104,28 @@ def test_batched_greedy_generation_equals_one_by_one(model):
         assert together[i].tolist() == alone[0].tolist()
 
 
+def test_the_repetition_penalty_covers_the_prompt_tokens_as_the_reference_does(model):
+    """The reference's penalty (1.1 in its sampling) divides the logits of every token already in
+    the prompt, not only of those generated. The prompt here holds the unpenalised first answer,
+    so a huge penalty must change it to the best token that is not in the prompt."""
+    b = batch(1, 8, seed=7)
+
+    def first(input_ids, **kw):
+        return model.generate(b["fbank"], input_ids, b["attention_mask"], max_new_tokens=1, pad_token_id=0, **kw)
+
+    ids = b["input_ids"].clone()
+    for _ in range(20):  # put the greedy answer into the prompt until it answers with a prompt token
+        token = first(ids, do_sample=False)[0, 0]
+        if token in ids[0]:
+            break
+        ids[0, 1] = token
+    assert token in ids[0]
+    logits = model(b["fbank"], ids, b["attention_mask"]).logits[0, -1]
+    logits[ids[0].unique()] = -float("inf")  # what a huge penalty leaves
+    penalised = first(ids, do_sample=False, repetition_penalty=1e9)[0, 0]
+    assert penalised.item() == logits.argmax().item() != token.item()
+
+
 @pytest.mark.parametrize(
     "mode",
     [dict(do_sample=False), dict(num_beams=3, do_sample=False), dict(do_sample=True, top_k=5)],

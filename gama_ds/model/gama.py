@@ -200,7 +200,16 @@ class GamaModel(nn.Module):
             # Under ZeRO-3 every forward gathers parameters from all ranks, so a rank that has
             # finished must keep stepping until all have; transformers only knows when asked.
             generate_kwargs["synced_gpus"] = _zero3_distributed(self)
-        return self.llm.generate(inputs_embeds=embeds, attention_mask=mask, **generate_kwargs)
+        # The ids behind the embeddings go along for the logits processors that read them: the
+        # reference's repetition penalty covers the prompt's tokens, not only the new ones. The
+        # audio positions repeat each row's first id, which the row holds already.
+        ids = input_ids.to(mask.device)
+        ids = torch.cat([ids[:, :1].expand(-1, embeds.shape[1] - ids.shape[1]), ids], dim=1)
+        out = self.llm.generate(input_ids=ids, inputs_embeds=embeds, attention_mask=mask, **generate_kwargs)
+        if isinstance(out, torch.Tensor):
+            return out[:, ids.shape[1] :]
+        out.sequences = out.sequences[:, ids.shape[1] :]  # return_dict_in_generate
+        return out
 
 
 def _zero3_distributed(model: nn.Module) -> bool:

@@ -58,7 +58,7 @@ class BatchStreamer(BaseStreamer):
         self.prompt_seen = False
 
     def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:  # generate() first hands over the prompt ([B, 0] with embeddings)
+        if not self.prompt_seen:  # generate() first hands over the prompt's ids
             self.prompt_seen = True
             return
         for i, token in enumerate(value.reshape(-1).tolist()):
@@ -94,9 +94,11 @@ class RowLimits(StoppingCriteria):
 
     def __init__(self, jobs: list):
         self.jobs = jobs
+        self.prompt = None  # ids generate() holds before the first new token (GamaModel.generate)
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        # With prompt embeddings, generate()'s input_ids hold the new tokens only.
-        n = input_ids.shape[1]
+        if self.prompt is None:  # called first after one new token
+            self.prompt = input_ids.shape[1] - 1
+        n = input_ids.shape[1] - self.prompt
         stop = [n >= job.max_tokens or job.cancelled for job in self.jobs]
         return torch.tensor(stop, dtype=torch.bool, device=input_ids.device)
