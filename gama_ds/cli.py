@@ -337,7 +337,11 @@ def _load_export(args, placement):
 
 
 def _add_import(sub) -> None:
-    from .importer import AGGREGATORS, VARIANTS
+    # The choices from the recipe's fields: the importer imports peft, and through it transformers'
+    # audio code, which no other subcommand should need in order to start.
+    from .config import ModelConfig, choices
+
+    variants, aggregators = choices(ModelConfig, "variant"), choices(ModelConfig, "aggregator")
 
     p = sub.add_parser(
         "import",
@@ -350,10 +354,10 @@ def _add_import(sub) -> None:
         "--checkpoint",
         help="a stage checkpoint: checkpoint-N/ or its pytorch_model.bin (audio modules, LoRA)",
     )
-    p.add_argument("--variant", choices=VARIANTS, default="gama")
+    p.add_argument("--variant", choices=variants, default="gama")
     p.add_argument(
         "--aggregator",
-        choices=AGGREGATORS,
+        choices=aggregators,
         help="GAMA's aggregator: released (default; what the checkpoints were trained with) or paper",
     )
     p.add_argument("--out", required=True, help="the export folder to write (new or empty)")

@@ -19,7 +19,7 @@ import tempfile
 
 import torch
 
-from .config import load_recipe
+from .config import ModelConfig, choices, load_recipe
 from .data.collate import ensure_pad_token
 from .data.tokenizer import load_tokenizer
 from .errors import UsageError, WeightsError
@@ -34,8 +34,8 @@ from .model.weights import (
     strip_prefix,
 )
 
-VARIANTS = ("gama", "ltu")
-AGGREGATORS = ("released", "paper")
+VARIANTS = choices(ModelConfig, "variant")
+AGGREGATORS = ("released", "paper")  # released first: the default, what the checkpoints ran
 REPORT = "import.json"  # beside gama_ds.json: every tensor's fate
 _FIX_BASE = (
     "the Drive copy of Llama-2-7b-chat-hf-qformer lacks the LLM's config.json, tokenizer and "

@@ -111,7 +111,9 @@ def test_the_repetition_penalty_covers_the_prompt_tokens_as_the_reference_does(m
     b = batch(1, 8, seed=7)
 
     def first(input_ids, **kw):
-        return model.generate(b["fbank"], input_ids, b["attention_mask"], max_new_tokens=1, pad_token_id=0, **kw)
+        return model.generate(
+            b["fbank"], input_ids, b["attention_mask"], max_new_tokens=1, pad_token_id=0, **kw
+        )
 
     ids = b["input_ids"].clone()
     for _ in range(20):  # put the greedy answer into the prompt until it answers with a prompt token
