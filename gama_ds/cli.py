@@ -396,8 +396,8 @@ def _add_demo(sub) -> None:
     p.add_argument(
         "--warmup-steps",
         type=_positive_int,
-        default=500,
-        help="steps of the encoder's warm-up before the stage (default 500)",
+        default=700,
+        help="steps of the encoder's warm-up before the stage (default 700)",
     )
     p.add_argument(
         "--min-accuracy",
