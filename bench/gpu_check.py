@@ -12,8 +12,9 @@ The checks, all on the tiny recipe and synthetic shards (no downloads):
   no-build      the optimizer is torch's AdamW (fused on CUDA) and nothing was compiled into the
                 runs' fresh TORCH_EXTENSIONS_DIR
   usr1, term    the signal to a training rank ends in a COMPLETE checkpoint and a clean exit
-  export        the ZeRO-2 run's export loads, evaluates (held-out loss) and generates on the
-                device, in-process (the CLI's inference has no --device yet)
+  export        the ZeRO-2 run's export loads onto the device in its dtype (every parameter
+                checked), evaluates (held-out loss) and generates in-process, and `gama-ds eval`
+                picks the same device and dtype by default (bf16 on CUDA) and scores the same loss
   mfu           the trainer's metrics carry an MFU (on CPU against GAMA_DS_PEAK_TFLOPS=1)
 Exit status 1 if any check fails. Where it runs on a GPU, its lines go into docs/BENCHMARKS.md
 with the device and the date.
@@ -293,6 +294,9 @@ def signal_check(sig: signal.Signals):
 
 @check("export")
 def check_export(setup: Setup):
+    """The ZeRO-2 run's export: loaded onto the device in its dtype (every parameter there), held-out
+    loss and answers in-process, then `gama-ds eval` with the device's default flags (on CPU:
+    --device cpu) reports the same device, dtype and loss."""
     from gama_ds.exported import load_export
     from gama_ds.infer import evaluate, generate
     from gama_ds.train.export import export
@@ -302,11 +306,16 @@ def check_export(setup: Setup):
     out = os.path.join(setup.work, "export")
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's converter talks on stdout
         export(setup.runs["zero2"]["out"], out)
-    model, tokenizer, info = load_export(out)
-    model = model.to(setup.device, setup.dtype)
+    model, tokenizer, info = load_export(out, device=setup.device, dtype=setup.dtype)
+    placed = {(p.device.type, p.dtype) for p in model.parameters()}
+    # Rotary frequencies stay fp32, as in training; every other floating buffer is in the dtype.
+    buffers = {b.dtype for n, b in model.named_buffers() if b.is_floating_point() and "rotary_emb" not in n}
+    if placed != {(setup.device.type, setup.dtype)} or not buffers <= {setup.dtype}:
+        return "FAIL", f"parameters on {sorted(map(str, placed))}, buffers {sorted(map(str, buffers))}"
     started = time.perf_counter()
+    shards = os.path.join(setup.shards, "test")
     result = evaluate(
-        model, tokenizer, [os.path.join(setup.shards, "test")], 108, info["prompt"]["template"],
+        model, tokenizer, [shards], 108, info["prompt"]["template"],
         batch_size=4, max_new_tokens=8, metrics=("loss", "exact"),
     )  # fmt: skip
     clip = os.path.join(setup.shards, "audio")
@@ -314,11 +323,27 @@ def check_export(setup: Setup):
     answer = generate(model, tokenizer, [clip], [{"instruction": "What do you hear?", "input": ""}],
                       info["prompt"]["template"], max_new_tokens=8, do_sample=False)[0]  # fmt: skip
     seconds = time.perf_counter() - started
-    on = next(model.parameters()).device
-    ok = on.type == setup.device.type and result["loss"] == result["loss"] and result["examples"] > 0
+    flags = [] if setup.cuda else ["--device", "cpu"]  # on a GPU: the defaults must pick it, in bf16
+    done = subprocess.run(
+        [sys.executable, "-m", "gama_ds", "eval", "--model", out, "--shards", shards, "--metric", "loss",
+         "exact", "--max-new-tokens", "4", "--batch-size", "4", "--json", *flags],
+        capture_output=True, text=True, timeout=600, env=trainer_env(setup),
+    )  # fmt: skip
+    if done.returncode != 0:
+        return "FAIL", f"gama-ds eval exited {done.returncode}: {done.stderr.strip()[-300:]}"
+    cli = json.loads(done.stdout.strip().splitlines()[-1])
+    wanted = (str(setup.device), str(setup.dtype).removeprefix("torch."))
+    ok = (
+        result["loss"] == result["loss"]
+        and result["examples"] > 0
+        and (cli["device"], cli["dtype"]) == wanted
+        and abs(cli["loss"] - result["loss"]) <= setup.loss_tol * max(1.0, abs(result["loss"]))
+    )
     return ("PASS" if ok else "FAIL"), (
-        f"on {on}, {result['examples']} held-out QA: loss {result['loss']:.3f}, "
-        f"exact {result['exact_match']:.2f}; answer {answer!r}; {seconds:.1f} s"
+        f"every parameter on {setup.device} in {setup.dtype}; {result['examples']} held-out QA: loss "
+        f"{result['loss']:.3f}, exact {result['exact_match']:.2f}; answer {answer!r}; {seconds:.1f} s; "
+        f"gama-ds eval {' '.join(flags) or '(default flags)'}: {cli['device']} {cli['dtype']}, "
+        f"loss {cli['loss']:.3f}"
     )
 
 

@@ -223,13 +223,19 @@ def _add_export(sub) -> None:
     p.add_argument("run", help="a run directory (its latest complete checkpoint) or one checkpoint folder")
     p.add_argument("--out", required=True)
     p.add_argument("--merge", action="store_true", help="also write the LLM with LoRA merged (merged/)")
+    p.add_argument(
+        "--include-llm",
+        action="store_true",
+        help="copy the base LLM into the export (llm/) whatever its size (default: presets and LLMs "
+        "up to 1 GiB; a larger one is named by absolute path and fingerprint)",
+    )
 
 
 def _export(args) -> int:
     from .train.export import export
 
-    info = export(args.run, args.out, args.merge)
-    print(json.dumps({"out": args.out, **info["source"]}))
+    info = export(args.run, args.out, args.merge, args.include_llm)
+    print(json.dumps({"out": args.out, **info["source"], "base_llm": info["base_llm"]["folder"]}))
     return 0
 
 
@@ -241,20 +247,31 @@ def _add_generate(sub) -> None:
     p.add_argument("--input", help="a GAMA/LTU JSON, audio-QA JSON(L) or eval file of questions")
     p.add_argument("--out", help="write answers as JSON lines here (default: stdout)")
     p.add_argument(
-        "--greedy", action="store_true", help="greedy decoding (default: the reference's sampling)"
+        "--greedy",
+        action="store_true",
+        help="greedy decoding (default: the export's sampling settings, else the reference's)",
     )
     p.add_argument("--beams", type=_positive_int, help="beam search with this many beams")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=400)
+    p.add_argument(
+        "--max-new-tokens",
+        type=_positive_int,
+        help="default: the export's setting, else 400 (the reference's)",
+    )
     p.add_argument("--batch-size", type=_positive_int, default=8)
+    _add_placement(p)
 
 
 def _generate(args) -> int:
     from .data.formats import read_inputs
-    from .infer import generate
+    from .exported import INFO
+    from .infer import export_generation, generate
 
     if bool(args.audio) == bool(args.input) or bool(args.audio) != bool(args.question):
         raise UsageError("give either --audio FILE --question TEXT, or --input JSON")
-    model, tokenizer, info = _load_export(args.model)
+    model, tokenizer, info = _load_export(args, _placement(args))
+    defaults = export_generation(info, os.path.join(args.model, INFO))
+    max_new_tokens = defaults.pop("max_new_tokens")
+    max_new_tokens = args.max_new_tokens or max_new_tokens
     if args.audio:
         rows = [({"audio": args.audio}, args.audio, {"instruction": args.question, "input": ""})]
     else:
@@ -262,7 +279,7 @@ def _generate(args) -> int:
         for r in rejects:
             print(f"skipped {r.source}: {r.detail}", file=sys.stderr)
         rows = [({"audio": r.audio, "source": qa["source"]}, r.path, qa) for r in records for qa in r.qa]
-    kwargs = {}
+    kwargs = defaults
     if args.beams:
         kwargs = dict(num_beams=args.beams, do_sample=False)
     elif args.greedy:
@@ -274,7 +291,7 @@ def _generate(args) -> int:
         [qa for *_, qa in rows],
         info["prompt"]["template"],
         args.batch_size,
-        args.max_new_tokens,
+        max_new_tokens,
         **kwargs,
     )
     out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
@@ -291,12 +308,73 @@ def _generate(args) -> int:
     return 0
 
 
-def _load_export(path: str):
+def _add_placement(p) -> None:
+    from .placement import DTYPES
+
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: the GPU when there is one)")
+    p.add_argument(
+        "--dtype", choices=DTYPES, help="bf16, fp16 or fp32 (default: bf16 on GPUs that have it, else fp32)"
+    )
+    p.add_argument("--llm", help="the export's base LLM from this folder (a moved or copied one)")
+
+
+def _placement(args):
+    """--device and --dtype, checked before anything loads."""
+    from .placement import choose_device, choose_dtype
+
+    device = choose_device(args.device)
+    return device, choose_dtype(args.dtype, device)
+
+
+def _load_export(args, placement):
     from .exported import is_export, load_export
 
-    if not is_export(path):
-        raise UsageError(f"--model {path} is not a gama-ds export (made by `gama-ds export RUN --out DIR`)")
-    return load_export(path)
+    if not is_export(args.model):
+        raise UsageError(
+            f"--model {args.model} is not a gama-ds export (made by `gama-ds export RUN --out DIR`)"
+        )
+    return load_export(args.model, *placement, llm=args.llm)
+
+
+def _add_import(sub) -> None:
+    from .importer import AGGREGATORS, VARIANTS
+
+    p = sub.add_parser(
+        "import",
+        help="the released GAMA / GAMA-IT / LTU checkpoints -> an export that generate, eval and serve run",
+    )
+    p.add_argument(
+        "--base", required=True, help="the base folder: Llama-2-7b-chat-hf-qformer (GAMA), vicuna_ltu (LTU)"
+    )
+    p.add_argument(
+        "--checkpoint",
+        help="a stage checkpoint: checkpoint-N/ or its pytorch_model.bin (audio modules, LoRA)",
+    )
+    p.add_argument("--variant", choices=VARIANTS, default="gama")
+    p.add_argument(
+        "--aggregator",
+        choices=AGGREGATORS,
+        help="GAMA's aggregator: released (default; what the checkpoints were trained with) or paper",
+    )
+    p.add_argument("--out", required=True, help="the export folder to write (new or empty)")
+    p.add_argument("overrides", nargs="*", help="key=value recipe overrides for a model of other sizes")
+
+
+def _import(args) -> int:
+    from .importer import import_released
+
+    summary = import_released(
+        args.base,
+        args.checkpoint,
+        args.out,
+        args.variant,
+        args.aggregator,
+        args.overrides,
+        log=lambda line: print(line, file=sys.stderr),
+    )
+    keys = ("base", "checkpoint", "variant", "aggregator", "lora", "loaded", "unknown")
+    print(json.dumps({"out": args.out, **{k: summary[k] for k in keys}}))
+    return 0
 
 
 def _add_eval(sub) -> None:
@@ -325,6 +403,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--max-new-tokens", type=_positive_int, default=32)
     p.add_argument("--batch-size", type=_positive_int, default=8)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_placement(p)
 
 
 def _eval(args) -> int:
@@ -333,6 +412,7 @@ def _eval(args) -> int:
 
     if (args.embedder or args.labels) and "classify" not in args.metric:
         raise UsageError("--embedder and --labels belong to --metric classify")
+    placement = _placement(args)
     labels = None
     if args.labels:
         try:
@@ -345,7 +425,7 @@ def _eval(args) -> int:
     if args.embedder and not os.path.isdir(args.embedder):
         raise UsageError(f"--embedder {args.embedder} is not a folder (an HF text-encoder folder)")
     embedder = TextEmbedder(args.embedder) if args.embedder else None
-    model, tokenizer, info = _load_export(args.model)
+    model, tokenizer, info = _load_export(args, placement)
     prompt = info["prompt"]
     result = evaluate(
         model,
@@ -360,10 +440,60 @@ def _eval(args) -> int:
         embedder,
         labels,
     )
+    result = {"device": str(placement[0]), "dtype": str(placement[1]).removeprefix("torch."), **result}
     if args.json:
         print(json.dumps(result))
     else:
         print(report_table(result))
+    return 0
+
+
+def _add_score(sub) -> None:
+    from .evaluate.datasets import DATASETS
+    from .evaluate.embed import POOLINGS
+    from .evaluate.score import PARSES
+
+    p = sub.add_parser("score", help="score LTU-format result rows by LTU's protocol (Table 1's numbers)")
+    p.add_argument("results", help="a JSON list of {prompt, pred, ref, audio_id} rows (ours or LTU's)")
+    p.add_argument("--dataset", required=True, choices=DATASETS, help="whose answer, label and metric rules")
+    p.add_argument("--labels", help="classification sets: the label CSV (LTU's index,mid,display_name)")
+    p.add_argument("--embedder", help="classification sets: a local text-encoder folder (BERT, SentenceBERT)")
+    p.add_argument(
+        "--pooling",
+        choices=POOLINGS,
+        help="of the embedder (default: the folder's sentence-transformers one, else mean)",
+    )
+    p.add_argument(
+        "--parse", choices=PARSES, help="ltu: LTU's answer cuts (default for LTU's sets); plain: whole answer"
+    )
+    p.add_argument("--metric", help="acc, micro_f1, map, cider_d or spice (default: the one Table 1 reports)")
+    p.add_argument(
+        "--spice-jar", help="captions: a spice-1.0.jar with CoreNLP in its lib/ (default: pycocoevalcap's)"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _score(args) -> int:
+    from .evaluate.embed import TextEmbedder
+    from .evaluate.score import score_results
+
+    if args.pooling and not args.embedder:
+        raise UsageError("--pooling belongs to --embedder")
+    embedder = TextEmbedder(args.embedder, args.pooling) if args.embedder else None
+    report = score_results(
+        args.results, args.dataset, args.labels, embedder, args.parse, args.metric, args.spice_jar
+    )
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    used = f"parse {report['parse']['rule']}"
+    if report["embedder"]:
+        used += f", embedder {report['embedder']['path']} ({report['embedder']['pooling']} pooling)"
+    print(f"{report['title']}: {report['metric']} = {report['value']:.4f} over {report['rows']} rows; {used}")
+    if "spice_not_computed" in report:
+        print(f"SPICE not computed: {report['spice_not_computed']}")
+    for note in report["notes"]:
+        print(f"note: {note}")
     return 0
 
 
@@ -428,6 +558,65 @@ def _demo(args) -> int:
     return 0 if result["passed"] else 1
 
 
+def _add_serve(sub) -> None:
+    from .serve.options import API_KEY_ENV, ServeOptions
+
+    d = ServeOptions(model="")
+    p = sub.add_parser("serve", help="an export behind an OpenAI-compatible chat API and a web page")
+    p.add_argument("--model", required=True, help="a gama-ds export folder")
+    p.add_argument("--model-name", help="the model id clients send (default: the export folder's name)")
+    p.add_argument("--host", default=d.host, help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=d.port, help=f"default {d.port}")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: the GPU when there is one)")
+    p.add_argument("--dtype", help="bf16, fp16 or fp32 (default: bf16 on GPUs that have it, else fp32)")
+    p.add_argument("--llm", help="the export's base LLM from this folder (a moved or copied one)")
+    p.add_argument(
+        "--max-batch", type=int, default=d.max_batch, help=f"requests per batch (default {d.max_batch})"
+    )
+    p.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=d.batch_wait_ms,
+        help=f"how long the oldest request waits for more to batch with (default {d.batch_wait_ms:g})",
+    )
+    p.add_argument(
+        "--max-audio-s", type=float, default=d.max_audio_s, help=f"longest clip (default {d.max_audio_s:g})"
+    )
+    p.add_argument(
+        "--max-request-mb",
+        type=float,
+        default=d.max_request_mb,
+        help=f"largest request body (default {d.max_request_mb:g})",
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV),
+        help=f"require `Authorization: Bearer KEY` (default: ${API_KEY_ENV}, else no key)",
+    )
+
+
+def _serve(args) -> int:
+    from .serve.main import serve
+    from .serve.options import ServeOptions
+
+    return serve(
+        ServeOptions(
+            model=args.model,
+            model_name=args.model_name,
+            host=args.host,
+            port=args.port,
+            device=args.device,
+            dtype=args.dtype,
+            llm=args.llm,
+            max_batch=args.max_batch,
+            batch_wait_ms=args.batch_wait_ms,
+            max_audio_s=args.max_audio_s,
+            max_request_mb=args.max_request_mb,
+            api_key=args.api_key,
+        )
+    )
+
+
 COMMANDS = {
     "demo": (_add_demo, _demo),
     "convert": (_add_convert, _convert),
@@ -436,9 +625,12 @@ COMMANDS = {
     "estimate": (_add_estimate, _estimate),
     "train": (_add_train, _train),
     "export": (_add_export, _export),
+    "import": (_add_import, _import),
     "generate": (_add_generate, _generate),
     "eval": (_add_eval, _eval),
+    "score": (_add_score, _score),
     "synth": (_add_synth, _synth),
+    "serve": (_add_serve, _serve),
 }
 
 

@@ -168,7 +168,7 @@ def run_demo(
     from .infer import evaluate, generate
     from .report import report_table
 
-    model, tokenizer, info = load_export(export_dir)
+    model, tokenizer, info = load_export(export_dir, device="cpu", dtype="fp32")  # as the ranks trained
     prompt = info["prompt"]
     result = evaluate(
         model,

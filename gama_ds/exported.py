@@ -4,7 +4,8 @@ An export folder holds:
   gama_ds.json         the architecture, aggregator mode, feature recipe, prompt settings, base LLM
   audio.safetensors    every audio module (encoder, aggregator, Q-Former, projections)
   adapter/             the LoRA adapter, for `peft.PeftModel.from_pretrained(base_llm, adapter)`
-  llm/                 the base LLM, when it was a preset rather than a model folder
+  llm/                 the base LLM, when the export carries it (presets, small LLMs, --include-llm);
+                       else gama_ds.json names its folder by absolute path, with a fingerprint
   tokenizer/           the tokenizer
   merged/              with --merge: the LLM with LoRA merged, for `AutoModelForCausalLM`
 Inference (`load_export`) and the next stage's `train.init` (`load_init`) read it from here;
@@ -23,10 +24,16 @@ from .model.weights import import_reference_path
 
 INFO = "gama_ds.json"
 FORMAT = "gama_ds.export"
+LLM_DIR = "llm"  # the base LLM inside an export, named relative to the export folder itself
 
 
 def is_export(path: str | None) -> bool:
     return bool(path) and os.path.isfile(os.path.join(path, INFO))
+
+
+def read_info(path: str) -> dict:
+    with open(os.path.join(path, INFO), encoding="utf-8") as f:
+        return json.load(f)
 
 
 def load_init(model, path: str) -> None:
@@ -52,27 +59,69 @@ def load_init(model, path: str) -> None:
         raise WeightsError(f"train.init {path}: {report.problems()}")
 
 
-def load_export(path: str):
-    """(model, tokenizer, info) from an export folder, with stock transformers and peft."""
+def load_export(path: str, device=None, dtype=None, llm: str | None = None):
+    """(model, tokenizer, info) from an export folder, with stock transformers and peft.
+
+    Every parameter on `device` in `dtype` (names or torch objects; None: gama_ds.placement's
+    defaults). Buffers stay as transformers and DeepSpeed keep them in training: the rotary
+    frequencies in fp32, so positions are as precise as the model was trained with.
+    `llm`: another folder holding the base LLM."""
+    import torch
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     from .model.gama import GamaAudio, GamaModel, LtuAudio
+    from .placement import choose_device, choose_dtype
 
-    with open(os.path.join(path, INFO), encoding="utf-8") as f:
-        info = json.load(f)
+    device = device if isinstance(device, torch.device) else choose_device(device)
+    dtype = dtype if isinstance(dtype, torch.dtype) else choose_dtype(dtype, device)
+    info = read_info(path)
     cfg = from_dict(ModelConfig, info["model"])
-    llm_dir = (
-        cfg.llm
-        if os.path.isabs(cfg.llm) or not os.path.isdir(os.path.join(path, cfg.llm))
-        else os.path.join(path, cfg.llm)
-    )
-    llm = AutoModelForCausalLM.from_pretrained(llm_dir, attn_implementation="sdpa")
+    llm_dir = base_llm_folder(path, info, llm)
+    # Straight onto a GPU in the target dtype: a 7B model never passes through host memory in fp32.
+    placed = {} if device.type == "cpu" else {"device_map": {"": device}}
+    base = AutoModelForCausalLM.from_pretrained(llm_dir, attn_implementation="sdpa", dtype=dtype, **placed)
     if info["lora"]:
-        llm = PeftModel.from_pretrained(llm, os.path.join(path, "adapter"))
+        # peft would upcast a 16-bit adapter to fp32: keep it in the base's dtype, as training did.
+        base = PeftModel.from_pretrained(
+            base, os.path.join(path, "adapter"), autocast_adapter_dtype=False, torch_device=str(device)
+        )
     audio_cls = GamaAudio if cfg.variant == "gama" else LtuAudio
-    audio_modules = audio_cls(cfg, llm.config.hidden_size)
+    audio_modules = audio_cls(cfg, base.config.hidden_size)
     audio_modules.load_state_dict(load_file(os.path.join(path, "audio.safetensors")))
+    model = GamaModel(audio_modules.to(device=device, dtype=dtype), base.to(device)).eval()
     tokenizer = load_tokenizer(os.path.join(path, "tokenizer"))
-    return GamaModel(audio_modules, llm).eval(), tokenizer, info
+    return model, tokenizer, info
+
+
+def base_llm_folder(path: str, info: dict, llm: str | None = None) -> str:
+    """The export's base LLM: the folder it names (inside it, or by absolute path), or `llm`,
+    a copy elsewhere; checked against the fingerprint taken when the export was written."""
+    from .model.llm_folder import fingerprint
+
+    base = info.get("base_llm")
+    if base is None:  # written before exports carried a fingerprint: as they were read then
+        named = info["model"]["llm"]
+        inside = os.path.join(path, named)
+        recorded = inside if not os.path.isabs(named) and os.path.isdir(inside) else named
+    else:
+        recorded = os.path.join(path, base["folder"]) if base["inside"] else base["folder"]
+    folder = llm or recorded
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        if llm:
+            raise WeightsError(f"--llm {llm} is not a model folder (no config.json there)")
+        raise WeightsError(
+            f"{path}: its base LLM {recorded} is not there (moved or deleted?); point at a copy of it "
+            "with --llm DIR (load_export(..., llm=DIR)), or export with --include-llm to carry it inside"
+        )
+    if base is not None:
+        found, wanted = fingerprint(folder), base["fingerprint"]
+        differs = [what for what in ("config", "weights") if found[what] != wanted[what]]
+        if differs:
+            parts = {"config": "config.json", "weights": "weight files (names, shapes, dtypes)"}
+            raise WeightsError(
+                f"{folder} is not the base LLM that {path} was trained on ({recorded}): their "
+                f"{' and '.join(parts[d] for d in differs)} differ; give --llm a copy of {recorded}"
+            )
+    return folder

@@ -13,11 +13,41 @@ import re
 import torch
 
 from . import audio
-from .data.collate import IGNORE, Collator, Example, prompt_text
+from .data.collate import IGNORE, Collator, Example, ensure_pad_token, prompt_text
 from .errors import UsageError
+from .evaluate.classify import cosine_scores, top1
+from .evaluate.embed import TextEmbedder  # noqa: F401  (re-exported: `gama-ds eval --embedder`)
 
 # The reference's batch inference settings (gama_inf.py).
 REFERENCE_SAMPLING = dict(do_sample=True, temperature=0.1, top_p=0.95, top_k=500, repetition_penalty=1.1)
+REFERENCE_GENERATION = {**REFERENCE_SAMPLING, "max_new_tokens": 400}
+
+
+def export_generation(info: dict, where: str = "gama_ds.json") -> dict:
+    """The generation settings an export carries (`generation` in its gama_ds.json, as
+    `gama-ds import` writes the reference's), else the reference's; each value checked."""
+    settings = info.get("generation")
+    if settings is None:
+        return dict(REFERENCE_GENERATION)
+    unknown = set(settings) - set(REFERENCE_GENERATION)
+    if unknown:
+        raise UsageError(f"{where}: generation.{sorted(unknown)[0]} is not a generation setting")
+    checks = {
+        "do_sample": lambda v: isinstance(v, bool),
+        "temperature": lambda v: _number(v) and v > 0,
+        "top_p": lambda v: _number(v) and 0 < v <= 1,
+        "top_k": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+        "repetition_penalty": lambda v: _number(v) and v > 0,
+        "max_new_tokens": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+    }
+    for key, value in settings.items():
+        if not checks[key](value):
+            raise UsageError(f"{where}: generation.{key} = {value!r} is out of range")
+    return {**REFERENCE_GENERATION, **settings}
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def generate(
@@ -34,21 +64,16 @@ def generate(
     or None for a text-only question."""
     settings = dict(REFERENCE_SAMPLING) if not generate_kwargs else {}
     settings.update(generate_kwargs, max_new_tokens=max_new_tokens)
+    ensure_pad_token(tokenizer)  # a Llama tokenizer has none; padding is masked
     answers: list[str] = []
     for start in range(0, len(qas), batch_size):
-        chunk = list(zip(clips[start : start + batch_size], qas[start : start + batch_size], strict=True))
-        fbank = torch.stack([_padded(c) for c, _ in chunk])
-        has_audio = torch.tensor([c is not None for c, _ in chunk])
-        enc = tokenizer(
-            [prompt_text(qa, template) for _, qa in chunk],
-            return_tensors="pt",
-            padding=True,
-            padding_side="left",
+        fbank, input_ids, attention_mask, has_audio = prompt_batch(
+            tokenizer, clips[start : start + batch_size], qas[start : start + batch_size], template
         )
         out = model.generate(
             fbank,
-            enc["input_ids"],
-            enc["attention_mask"],
+            input_ids,
+            attention_mask,
             has_audio,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
@@ -56,6 +81,22 @@ def generate(
         )
         answers += [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
     return answers
+
+
+def prompt_batch(tokenizer, clips: list, qas: list[dict], template: str):
+    """(fbank, input_ids, attention_mask, has_audio) of one batch for GamaModel.generate: padded
+    features, left-padded prompts. `gama-ds serve` builds its batches with it too."""
+    if len(clips) != len(qas):
+        raise ValueError(f"{len(clips)} clips for {len(qas)} questions")
+    fbank = torch.stack([_padded(c) for c in clips])
+    has_audio = torch.tensor([c is not None for c in clips])
+    enc = tokenizer(
+        [prompt_text(qa, template) for qa in qas],
+        return_tensors="pt",
+        padding=True,
+        padding_side="left",
+    )
+    return fbank, enc["input_ids"], enc["attention_mask"], has_audio
 
 
 def _padded(clip) -> torch.Tensor:
@@ -79,30 +120,6 @@ def exact_match(predictions: list[str], references: list[str]) -> float:
     )
 
 
-class TextEmbedder:
-    """Sentences -> unit vectors with an HF encoder folder (BERT, SentenceBERT, ...): the last
-    hidden states mean-pooled over real tokens, as the LTU scripts' BERT setting does."""
-
-    def __init__(self, path: str, batch_size: int = 64):
-        from transformers import AutoModel, AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path).eval()
-        self.batch_size = batch_size
-
-    @torch.no_grad()
-    def __call__(self, texts: list[str]) -> torch.Tensor:
-        out = []
-        for start in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(
-                texts[start : start + self.batch_size], padding=True, truncation=True, return_tensors="pt"
-            )
-            hidden = self.model(**enc).last_hidden_state
-            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            out.append((hidden * mask).sum(1) / mask.sum(1).clamp(min=1))
-        return torch.nn.functional.normalize(torch.cat(out).float(), dim=-1)
-
-
 def classify_by_string(prediction: str, labels: list[str]) -> str | None:
     """The label the prediction names: equal after normalising, else the longest label it
     contains as whole words; None when it names none."""
@@ -118,8 +135,10 @@ def classify_by_string(prediction: str, labels: list[str]) -> str | None:
 def classify_by_embedding(predictions: list[str], labels: list[str], embedder) -> list[str]:
     """LTU's retrieval protocol: "sound of <text>" for both sides, the label of highest cosine."""
     labels = list(labels)
-    scores = embedder([f"sound of {p}" for p in predictions]) @ embedder([f"sound of {x}" for x in labels]).T
-    return [labels[i] for i in scores.argmax(dim=1).tolist()]
+    scores = cosine_scores(
+        embedder([f"sound of {p}" for p in predictions]), embedder([f"sound of {x}" for x in labels]), False
+    )
+    return [labels[i] for i in top1(scores).tolist()]
 
 
 def classification_accuracy(

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 def report_table(result: dict) -> str:
     lines = [f"{result['examples']} QA pairs"]
+    if "device" in result:
+        lines[0] += f" on {result['device']} in {result['dtype']}"
     if "loss" in result:
         lines[0] += f": loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}"
     columns = [("exact match", result.get("exact_match_by_task"))]

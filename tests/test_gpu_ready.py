@@ -1,6 +1,6 @@
-"""What a GPU node needs and a CPU can show: nothing compiled at start, a stale extension lock
-never waited on, checkpoints durable before they count, the MFU peak from exact device names,
-flash-attn only with a CUDA extension that loads."""
+"""What a GPU node needs and a CPU can show: nothing compiled at start but the CPU collective, a
+stale extension lock never waited on, checkpoints durable before they count, the MFU peak from
+exact device names, flash-attn only with a CUDA extension that loads."""
 
 from __future__ import annotations
 
@@ -29,26 +29,35 @@ def free_port() -> str:
         return str(s.getsockname()[1])
 
 
-# torch builds every extension with ninja (and CUDA sources with nvcc). A compiler run on its own
-# is a capability probe (DeepSpeed 0.19.0 test-compiles a test.c for async_io at import), not a build.
-COMPILERS = re.compile(r'execve\("[^"]*/(nvcc|ninja)", .*= 0$')
+# torch builds every extension with ninja (and CUDA sources with nvcc), in the op's own folder;
+# it runs ninja on every load too, a no-op when the op is built. `ninja --version` and a compiler
+# run on its own are capability probes (DeepSpeed 0.19.0 test-compiles a test.c for async_io at
+# import), not builds.
+COMPILERS = re.compile(r'^(\d+) +execve\("[^"]*/(nvcc|ninja)", (?!\["ninja", "--version"\]).*= 0$')
+CHDIR = re.compile(r'^(\d+) +chdir\("([^"]*)"\) += 0$')
+CPU_ONLY_OP = "deepspeed_shm_comm"  # DeepSpeed's CPU collective (extensions.py); no GPU node builds it
 
 
 @pytest.fixture(scope="module")
 def traced(tmp_path_factory):
-    """One tiny ZeRO-2 run (the default recipes' stage) from a fresh, empty TORCH_EXTENSIONS_DIR,
-    every process traced by strace for program starts, fsyncs and renames."""
+    """One tiny ZeRO-2 run (the default recipes' stage) from a fresh TORCH_EXTENSIONS_DIR, every
+    process traced by strace for program starts, folder changes, fsyncs and renames. The fresh
+    folder holds only the CPU ranks' collective, copied from the checkout's when `make` built it
+    there (a 35 s build otherwise)."""
     if shutil.which("strace") is None:
         pytest.fail("strace is needed to watch the run's system calls (apt-get install strace)")
     tmp = tmp_path_factory.mktemp("gpuready")
     synth_shards(tmp, clips=8, test_clips=4, seed=3)
     ext = tmp / "extensions"
+    built = os.path.join(train_env()["TORCH_EXTENSIONS_DIR"], CPU_ONLY_OP)
+    if os.path.exists(os.path.join(built, CPU_ONLY_OP + ".so")):
+        shutil.copytree(built, ext / CPU_ONLY_OP)
     out = tmp / "run"
     trace = tmp / "strace.log"
     env = dict(train_env(), TORCH_EXTENSIONS_DIR=str(ext), MASTER_PORT=free_port())
     cmd = [
-        "strace", "-f", "--seccomp-bpf", "-qq", "-y", "-o", str(trace),
-        "-e", "trace=execve,fsync,fdatasync,rename,renameat,renameat2",
+        "strace", "-f", "--seccomp-bpf", "-qq", "-y", "-s", "300", "-o", str(trace),
+        "-e", "trace=execve,chdir,fsync,fdatasync,rename,renameat,renameat2",
         sys.executable, "-m", "gama_ds", "train", "tiny",
         f"data.train=[{{path: {tmp / 'train'}}}]",
         f"train.output_dir={out}",
@@ -61,11 +70,19 @@ def traced(tmp_path_factory):
     return {"ext": ext, "ckpt": out / "checkpoints", "trace": trace.read_text().splitlines()}
 
 
-def test_a_run_from_a_fresh_extensions_dir_compiles_nothing(traced):
-    compiled = [line for line in traced["trace"] if COMPILERS.search(line)]
-    assert not compiled, compiled[:5]
-    built = [p.name for p in traced["ext"].iterdir()] if traced["ext"].exists() else []
-    assert built == [], built  # no op folder: DeepSpeed's CPU shm op was not built either
+def test_a_run_from_a_fresh_extensions_dir_compiles_nothing_but_the_cpu_collective(traced):
+    """On a GPU node no op compiles at start; on CPU ranks only DeepSpeed's CPU collective may."""
+    cwd: dict[str, str] = {}  # pid -> folder of its last chdir
+    compiled = []
+    for line in traced["trace"]:
+        if m := CHDIR.search(line):
+            cwd[m.group(1)] = m.group(2)
+        elif m := COMPILERS.search(line):
+            compiled.append((cwd.get(m.group(1), "?"), line))
+    assert compiled, "torch runs ninja on each load of an op: the CPU collective was not loaded"
+    elsewhere = [line for folder, line in compiled if os.path.basename(folder) != CPU_ONLY_OP]
+    assert not elsewhere, elsewhere[:5]
+    assert sorted(p.name for p in traced["ext"].iterdir()) == [CPU_ONLY_OP, OUR_LOCK]
 
 
 def test_complete_is_written_only_after_every_file_and_folder_is_durable(traced):

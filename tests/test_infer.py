@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -27,14 +28,23 @@ from gama_ds.train.export import export
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """A tiny model trained for 2 steps on one CPU process, exported."""
+    """A tiny model trained for 2 steps on one CPU process, exported. As the demo does, the stage
+    starts from an export whose base LLM is inside it (`train.init`), and every path the run is
+    given is relative to the folder it runs in, not to where it is exported or used."""
+    from gama_ds.config import load_recipe
+    from gama_ds.model.build import build_model
+    from gama_ds.train.export import write_export
+
     tmp = tmp_path_factory.mktemp("infer")
     data = synth_shards(tmp, clips=16, test_clips=4, seed=3)
+    recipe = load_recipe("tiny")
+    write_export(build_model(recipe.model), recipe, str(tmp / "start"), source={"test": "start"})
     args = [
         "tiny",
-        f"data.train=[{{path: {tmp / 'train'}}}]",
-        f"data.eval=[{{path: {tmp / 'test'}}}]",
-        f"train.output_dir={tmp / 'run'}",
+        "data.train=[{path: train}]",
+        "data.eval=[{path: test}]",
+        "train.output_dir=run",
+        "train.init=start",
         "train.max_steps=2",
         "data.num_workers=0",
         "logging.plot=false",
@@ -42,6 +52,7 @@ def exported(tmp_path_factory):
     ]
     done = subprocess.run(
         [sys.executable, "-m", "gama_ds", "train", *args],
+        cwd=tmp,
         env=train_env(),
         capture_output=True,
         text=True,
@@ -107,7 +118,7 @@ def test_the_generate_command_answers_a_file_and_a_question_list(exported, tmp_p
 
 
 def test_eval_reports_the_trained_models_loss_and_exact_match(exported):
-    model, tokenizer, info = load_export(exported["export"])
+    model, tokenizer, info = load_export(exported["export"], "cpu", "fp32")  # as training ran
     result = evaluate(
         model,
         tokenizer,
@@ -212,3 +223,148 @@ def test_eval_cli_reports_classification_with_an_embedder(exported, bert_embedde
             env=train_env(), capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert bad.returncode != 0 and f"{path}: {message}" in bad.stderr, bad.stderr[-2000:]
+
+
+def test_every_module_runs_in_the_dtype_asked_for_and_bf16_answers_like_fp32(exported):
+    from gama_ds.data.collate import Collator
+    from gama_ds.infer import _loss
+
+    rows = json.load(open(exported["data"]["test"]))
+    root = os.path.dirname(exported["data"]["test"])
+    clips = [os.path.join(root, r["audio_id"]) for r in rows[:2]]
+    qas = [{"instruction": "How many beeps?", "input": ""}] * 2
+    losses = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        model, tokenizer, info = load_export(exported["export"], device="cpu", dtype=name)
+        params = dict(model.named_parameters())
+        assert len(params) > 100 and {(p.dtype, p.device.type) for p in params.values()} == {(dtype, "cpu")}
+        # Buffers as transformers and DeepSpeed keep them in training: the rotary frequencies
+        # stay fp32 (positions as precise as trained); every other floating buffer is in dtype.
+        floating = {n: b.dtype for n, b in model.named_buffers() if b.is_floating_point()}
+        assert floating and {d for n, d in floating.items() if "rotary_emb" not in n} <= {dtype}
+        assert {d for n, d in floating.items() if "rotary_emb" in n} == {torch.float32}
+        answers = generate(model, tokenizer, clips, qas, max_new_tokens=3, do_sample=False)
+        assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+        prompt = info["prompt"]
+        collator = Collator(tokenizer, prompt["cutoff_len"], prompt["template"], prompt["train_on_inputs"])
+        examples = [(s.fbank, qa) for s in _test_samples(exported) for qa in s.meta["qa"]][:8]
+        losses[name] = _loss(model, collator, examples, batch_size=4)
+    assert losses["fp32"] == pytest.approx(losses["bf16"], rel=0.02)  # the same model, in 8-bit mantissas
+
+
+def _test_samples(exported):
+    from gama_ds.data.shards import iter_samples, read_index
+
+    root = str(exported["tmp"] / "test")
+    return [s for e in read_index(root)["shards"] for s in iter_samples(f"{root}/{e['file']}")]
+
+
+def test_device_and_dtype_flags_are_checked_before_anything_loads(exported, tmp_path, capsys):
+    from gama_ds.cli import main
+
+    first = json.load(open(exported["data"]["test"]))[0]
+    audio_file = os.path.join(os.path.dirname(exported["data"]["test"]), first["audio_id"])
+    ask = ["--audio", audio_file, "--question", "How many beeps?"]
+    not_an_export = str(tmp_path)  # refused only after the flags: they are checked first
+    for argv, message in (
+        (["generate", "--model", not_an_export, *ask, "--device", "mps"], "--device mps: only cpu and cuda"),
+        (["generate", "--model", not_an_export, *ask, "--device", "gpu0"], "--device 'gpu0' is not a device"),
+        (["eval", "--model", not_an_export, "--shards", "x", "--device", "cpu", "--dtype", "fp16"],
+         "--dtype fp16 runs on a GPU only"),
+    ):  # fmt: skip
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err
+    assert main(["generate", "--model", exported["export"], *ask, "--greedy", "--max-new-tokens", "2",
+                 "--device", "cpu", "--dtype", "bf16"]) == 0  # fmt: skip
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["audio"] == audio_file and isinstance(line["answer"], str)
+
+
+def test_a_moved_and_a_copied_run_answer_from_any_working_directory(exported, tmp_path, monkeypatch):
+    from peft import AutoPeftModelForCausalLM
+
+    from gama_ds.cli import main
+
+    original = exported["tmp"]
+    export_dir = original / "export"
+    info = json.load(open(export_dir / "gama_ds.json"))
+    assert info["base_llm"]["inside"] and info["model"]["llm"] == "llm"
+    # Stock PEFT finds the base on its own, from what the adapter names (the export's llm/).
+    named = json.load(open(export_dir / "adapter" / "adapter_config.json"))["base_model_name_or_path"]
+    assert named == str(export_dir / "llm")
+    stock = AutoPeftModelForCausalLM.from_pretrained(str(export_dir / "adapter")).eval()
+    model, tokenizer, _ = load_export(str(export_dir), "cpu", "fp32")
+    ids = torch.tensor([tokenizer("### Instruction:\nHow many beeps?")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(stock(input_ids=ids).logits, model.llm(input_ids=ids).logits)
+    rows = json.load(open(exported["data"]["test"]))
+    clips = [os.path.join(os.path.dirname(exported["data"]["test"]), r["audio_id"]) for r in rows[:2]]
+    qas = [{"instruction": "How many beeps?", "input": ""}] * 2
+    before = generate(model, tokenizer, clips, qas, max_new_tokens=4, do_sample=False)
+
+    moved = tmp_path / "moved"
+    shutil.move(original, moved)  # the whole run folder: start export, run, export, audio
+    try:
+        shutil.copytree(moved, tmp_path / "copied")
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        monkeypatch.chdir(elsewhere)
+        for root in (moved, tmp_path / "copied"):
+            model, tokenizer, _ = load_export(str(root / "export"))
+            clips_here = [str(root / os.path.relpath(c, original)) for c in clips]
+            assert generate(model, tokenizer, clips_here, qas, max_new_tokens=4, do_sample=False) == before
+        clip = str(moved / os.path.relpath(clips[0], original))
+        ask = ["--audio", clip, "--question", "How many beeps?", "--greedy", "--max-new-tokens", "4"]
+        assert main(["generate", "--model", str(moved / "export"), *ask]) == 0
+    finally:
+        shutil.move(moved, original)
+
+
+def test_a_base_llm_outside_the_export_is_named_by_path_and_checked_by_fingerprint(
+    exported, tmp_path, monkeypatch
+):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    from gama_ds.config import load_recipe
+    from gama_ds.errors import WeightsError
+    from gama_ds.model.build import build_model
+    from gama_ds.model.llm import llm_config
+    from gama_ds.model.llm_folder import fingerprint
+    from gama_ds.train import export as export_module
+    from gama_ds.train.preflight import llm_source
+
+    users_llm = tmp_path / "models" / "llama"
+    shutil.copytree(exported["tmp"] / "export" / "llm", users_llm)  # a user's model folder
+    recipe = load_recipe("tiny", [f"model.llm={users_llm}"])
+    monkeypatch.setattr(export_module, "SMALL_LLM_BYTES", 0)  # as a 7B LLM would be: named, not copied
+    out = tmp_path / "export"
+    info = export_module.write_export(build_model(recipe.model), recipe, str(out), source={"test": "outside"})
+    assert not info["base_llm"]["inside"] and info["base_llm"]["folder"] == str(users_llm)
+    assert not (out / "llm").exists()
+    adapter_base = json.load(open(out / "adapter" / "adapter_config.json"))["base_model_name_or_path"]
+    assert adapter_base == str(users_llm)
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(adapter_base), str(out / "adapter"))
+
+    shutil.move(users_llm, tmp_path / "moved_llm")
+    with pytest.raises(WeightsError, match=f"its base LLM {users_llm} is not there.*--llm DIR"):
+        load_export(str(out))
+    model, _, _ = load_export(str(out), llm=str(tmp_path / "moved_llm"))  # the same model, elsewhere: fine
+    assert model.llm.get_base_model().config.num_hidden_layers == 2
+
+    other = tmp_path / "other_llm"
+    LlamaForCausalLM(llm_config("tiny", vocab_size=300)).save_pretrained(other)
+    with pytest.raises(WeightsError) as err:
+        load_export(str(out), llm=str(other))
+    assert f"{other} is not the base LLM that {out} was trained on ({users_llm})" in str(err.value)
+    assert "config.json and weight files" in str(err.value)
+
+    carried = tmp_path / "carried"  # --include-llm: inside whatever its size, the same model
+    recipe.model.llm = str(tmp_path / "moved_llm")
+    info = export_module.write_export(build_model(recipe.model), recipe, str(carried), {}, include_llm=True)
+    assert info["base_llm"]["inside"] and info["base_llm"]["fingerprint"] == fingerprint(recipe.model.llm)
+    # The next stage (a preset LLM, train.init an export) trains on the export's base LLM, not on a
+    # preset's random weights: the one inside, or the named one, which must still be there.
+    assert llm_source(load_recipe("tiny", [f"train.init={carried}"])) == str(carried / "llm")
+    with pytest.raises(WeightsError, match=f"its base LLM {users_llm} is not there"):
+        llm_source(load_recipe("tiny", [f"train.init={out}"]))

@@ -1,5 +1,5 @@
 """A plain, non-editable install carries what the trainer reads at run time: the DeepSpeed
-configs and the bundled recipes, found from any working directory."""
+configs and the bundled recipes (and serve's web page), found from any working directory."""
 
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ for name, overrides in (("stage2", []), ("stage3", zero3), ("stage5", [*zero3, "
     recipe = load_recipe(name, overrides)
     key = os.path.basename(ds_config_path(recipe))
     found[key] = [ds_config_path(recipe), resolve_ds_config(recipe, 8)["zero_optimization"]["stage"]]
+from gama_ds.serve.app import STATIC
+found["page"] = [STATIC, sorted(os.listdir(STATIC))]
 print(json.dumps(found))
 """
 
@@ -62,6 +64,10 @@ def test_a_non_editable_install_finds_its_deepspeed_configs_and_recipes(tmp_path
     assert done.returncode == 0, done.stderr
     found = json.loads(done.stdout.strip().splitlines()[-1])
     assert found.pop("package") == str(site / "gama_ds")
+    assert found.pop("page") == [
+        str(site / "gama_ds" / "serve" / "static"),
+        ["app.js", "index.html"],
+    ]  # serve's
     assert found == {
         "zero2.json": [str(site / "gama_ds" / "ds_configs" / "zero2.json"), 2],
         "zero3.json": [str(site / "gama_ds" / "ds_configs" / "zero3.json"), 3],

@@ -129,15 +129,21 @@ class GamaModel(nn.Module):
     def num_audio_tokens(self) -> int:
         return self.audio.num_tokens
 
-    def _inputs(self, fbank, input_ids, attention_mask, has_audio):
-        """[audio prefix ; text] embeddings and their attention mask, on the model's device
-        (inference hands in host tensors; in training they are there already)."""
+    def place(self, fbank, input_ids, attention_mask, has_audio=None):
+        """The inputs on the model's device, fbank in the audio modules' dtype: the one place
+        that moves them (inference hands in host fp32 tensors; in training they are there already,
+        and this costs nothing)."""
+        weight = next(self.audio.parameters())
         device = self.llm.get_input_embeddings().weight.device
-        fbank, input_ids, attention_mask = fbank.to(device), input_ids.to(device), attention_mask.to(device)
-        if has_audio is not None:
-            has_audio = has_audio.to(device)
+        fbank = fbank.to(device=device, dtype=weight.dtype)
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        return fbank, input_ids, attention_mask, None if has_audio is None else has_audio.to(device)
+
+    def _inputs(self, fbank, input_ids, attention_mask, has_audio):
+        """[audio prefix ; text] embeddings and their attention mask, on the model's device."""
+        fbank, input_ids, attention_mask, has_audio = self.place(fbank, input_ids, attention_mask, has_audio)
         text = self.llm.get_input_embeddings()(input_ids)
-        prefix = self.audio(fbank.to(next(self.audio.parameters()).dtype)).to(text.dtype)
+        prefix = self.audio(fbank).to(text.dtype)
         audio_mask = torch.ones(prefix.shape[:2], dtype=attention_mask.dtype, device=attention_mask.device)
         if has_audio is not None:
             audio_mask = audio_mask * has_audio.to(attention_mask.dtype)[:, None]

@@ -110,6 +110,22 @@ _NEVER_USED = [
     r"^Qformer\.bert\.encoder\.layer\.\d+\.(intermediate|output)\.",  # the pruned text FFN
 ]
 PREFIXES = ("base_model.model.model.", "base_model.model.", "model.")
+# Ours -> the reference's (without its prefix): the inverse of _RENAMES and _PROJ, so that a
+# missing tensor is named as the user's checkpoint would spell it.
+_REVERSE = [
+    (r"^audio\.encoder\.", "audio_encoder."),
+    (r"^audio\.aggregator\.layers\.0\.", "audio_aggregator_layer_1."),
+    (r"^audio\.aggregator\.layers\.1\.", "audio_aggregator_layer_2."),
+    (r"^audio\.qformer\.bert\.layernorm\.", "Qformer.bert.embeddings.LayerNorm."),
+    (
+        r"^audio\.qformer\.bert\.encoder\.layer\.(\d+)\.(attention|crossattention)\.attention\.",
+        r"Qformer.bert.encoder.layer.\1.\2.self.",
+    ),
+    (r"^audio\.qformer\.bert\.encoder\.", "Qformer.bert.encoder."),
+    (r"^audio\.qformer\.query_tokens$", "query_tokens"),
+    (r"^audio\.qformer\.input_norm\.", "qformer_proj_norm."),
+    (r"^llm\.base_model\.model\.model\.(layers\.\d+\.self_attn\.\w+\.lora_[AB]\.)", r"\1"),
+]  # fmt: skip
 
 
 @dataclass
@@ -160,6 +176,17 @@ def map_name(ref_name: str) -> str | None:
         if re.match(pattern, name):
             return re.sub(pattern, repl, name)
     raise KeyError(ref_name)
+
+
+def reference_name(ours: str) -> str:
+    """Our parameter name -> the reference's, without its prefix (ours when it has none)."""
+    for reference, mine in _PROJ.items():
+        if ours.startswith(mine):
+            return reference + ours[len(mine) :]
+    for pattern, repl in _REVERSE:
+        if re.match(pattern, ours):
+            return re.sub(pattern, repl, ours)
+    return ours
 
 
 def import_reference(
@@ -246,23 +273,16 @@ def import_reference_path(model, path: str) -> ImportReport:
       when present, LoRA; a stage-1 checkpoint has none, so LoRA may start fresh.
     The LLM's own weights come from `model.llm` (a folder) when the model is built.
     """
-    import glob
     import os
 
-    if os.path.isdir(path):
-        safetensors = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-        shards = sorted(glob.glob(os.path.join(path, "pytorch_model-*-of-*.bin")))
-        if safetensors or shards:
-            state = {}
-            for file in safetensors + shards:
-                for key, tensor in _audio_tensors(file):
-                    state[key] = tensor
-            return import_reference(
-                model,
-                state,
-                allow_fresh={"aggregator", "projections", "lora"},
-                fresh_prefixes=("audio.encoder.norm_j.", "audio.encoder.norm_k."),
-            )
+    state = base_folder_tensors(path) if os.path.isdir(path) else None
+    if state is not None:
+        return import_reference(
+            model,
+            state,
+            allow_fresh={"aggregator", "projections", "lora"},
+            fresh_prefixes=("audio.encoder.norm_j.", "audio.encoder.norm_k."),
+        )
     file = os.path.join(path, "pytorch_model.bin") if os.path.isdir(path) else path
     if not os.path.isfile(file):
         raise WeightsError(
@@ -270,6 +290,19 @@ def import_reference_path(model, path: str) -> ImportReport:
             "(pytorch_model.bin)"
         )
     return import_reference(model, load_reference_file(file), allow_fresh={"lora"})
+
+
+def base_folder_tensors(path: str) -> dict[str, torch.Tensor] | None:
+    """The audio tensors of a base folder's weight files (safetensors, or LTU's sharded
+    `pytorch_model-*-of-*.bin`), under their own names; None for a folder with neither."""
+    import glob
+    import os
+
+    safetensors = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    shards = sorted(glob.glob(os.path.join(path, "pytorch_model-*-of-*.bin")))
+    if not (safetensors or shards):
+        return None
+    return {key: tensor for file in safetensors + shards for key, tensor in _audio_tensors(file)}
 
 
 def _audio_tensors(file: str):

@@ -16,6 +16,7 @@ import torch
 
 from ..config import ConfigError, Recipe
 from ..model.weights import parameter_groups
+from ..placement import native_bf16
 from .extensions import load_op
 
 # Inside the package, so that an installed gama_ds (not only a checkout) finds them.
@@ -24,12 +25,6 @@ DS_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 
 def on_gpu() -> bool:
     return torch.cuda.is_available()
-
-
-def native_bf16() -> bool:
-    """bf16 in hardware (Ampere and newer). torch's plain `is_bf16_supported()` also says yes on
-    V100 and T4, which only emulate it, many times slower than their fp16."""
-    return on_gpu() and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def resolve_precision(recipe: Recipe) -> str:

@@ -17,9 +17,10 @@ from .. import __version__, audio
 from ..config import ConfigError, Recipe, from_dict
 from ..data.tokenizer import load_tokenizer
 from ..errors import CheckpointError
-from ..exported import FORMAT, INFO, load_init
+from ..exported import FORMAT, INFO, LLM_DIR, load_init
 from ..model.build import build_model
 from ..model.llm import build_llm, is_preset
+from ..model.llm_folder import copy_llm, fingerprint, weights_bytes
 from .checkpoint import COMPLETE, latest_complete
 
 
@@ -46,7 +47,7 @@ def rebuild(recipe: Recipe) -> torch.nn.Module:
     return model
 
 
-def export(path: str, out: str, merge: bool = False) -> dict:
+def export(path: str, out: str, merge: bool = False, include_llm: bool = False) -> dict:
     """Write the export of a run's latest complete checkpoint (or of one checkpoint)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -68,10 +69,17 @@ def export(path: str, out: str, merge: bool = False) -> dict:
             params[name].copy_(tensor.to(params[name].dtype))
 
     source = {"run": os.path.abspath(run_dir), "checkpoint": tag, "recipe_hash": run["recipe_hash"]}
-    return write_export(model, recipe, out, source, merge)
+    return write_export(model, recipe, out, source, merge, include_llm)
 
 
-def write_export(model, recipe: Recipe, out: str, source: dict, merge: bool = False) -> dict:
+# A base LLM up to this size (its weight files) travels inside the export; a larger one is named
+# by absolute path and fingerprint unless `include_llm` (gama-ds export --include-llm).
+SMALL_LLM_BYTES = 2**30
+
+
+def write_export(
+    model, recipe: Recipe, out: str, source: dict, merge: bool = False, include_llm: bool = False
+) -> dict:
     """Write `model` (built from `recipe`) as an export folder; `source` says where it came from."""
     from safetensors.torch import save_file
 
@@ -80,16 +88,11 @@ def write_export(model, recipe: Recipe, out: str, source: dict, merge: bool = Fa
         {k: v.contiguous() for k, v in model.audio.state_dict().items()},
         os.path.join(out, "audio.safetensors"),
     )
+    base = place_base_llm(recipe, out, include_llm)
+    named = os.path.join(os.path.abspath(out), LLM_DIR) if base["inside"] else base["folder"]
     lora = recipe.model.lora is not None
     if lora:
-        model.llm.save_pretrained(os.path.join(out, "adapter"))
-    llm = recipe.model.llm
-    if is_preset(llm):  # a preset has no folder to point at: write its (seeded) weights
-        from .distributed import seed_everything
-
-        seed_everything(recipe.train.seed)
-        build_llm(llm, recipe.model.dtype, "sdpa").save_pretrained(os.path.join(out, "llm"))
-        llm = "llm"
+        save_adapter(model.llm, os.path.join(out, "adapter"), named)
     tokenizer = load_tokenizer(recipe.data.tokenizer or recipe.model.llm)
     tokenizer.save_pretrained(os.path.join(out, "tokenizer"))
     if merge:
@@ -98,8 +101,9 @@ def write_export(model, recipe: Recipe, out: str, source: dict, merge: bool = Fa
     info = {
         "format": FORMAT,
         "gama_ds": __version__,
-        "model": {**asdict(recipe.model), "llm": llm, "lora": None},
+        "model": {**asdict(recipe.model), "llm": base["folder"], "lora": None},
         "lora": lora,
+        "base_llm": base,
         "features": audio.RECIPE,
         "prompt": {
             "template": recipe.data.template,
@@ -111,3 +115,40 @@ def write_export(model, recipe: Recipe, out: str, source: dict, merge: bool = Fa
     with open(os.path.join(out, INFO), "w", encoding="utf-8") as f:
         json.dump(info, f, indent=1)
     return info
+
+
+def place_base_llm(recipe: Recipe, out: str, include_llm: bool) -> dict:
+    """The export's base LLM: saved or copied into out/llm (a preset, a small LLM, or any with
+    `include_llm`), else named by absolute path; with its fingerprint either way."""
+    inside = os.path.join(out, LLM_DIR)
+    name = recipe.model.llm
+    if is_preset(name):  # a preset has no folder to point at: write its (seeded) weights
+        from .distributed import seed_everything
+
+        seed_everything(recipe.train.seed)
+        build_llm(name, recipe.model.dtype, "sdpa").save_pretrained(inside)
+    else:
+        folder = os.path.abspath(name)
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise ConfigError(f"model.llm {name}: no model folder there (no config.json) to export with")
+        size = weights_bytes(folder)
+        if not (include_llm or size <= SMALL_LLM_BYTES):
+            return {"folder": folder, "inside": False, "fingerprint": fingerprint(folder), "bytes": size}
+        if not (os.path.isdir(inside) and os.path.samefile(folder, inside)):  # not re-exporting in place
+            copy_llm(folder, inside)
+    size = weights_bytes(inside)
+    return {"folder": LLM_DIR, "inside": True, "fingerprint": fingerprint(inside), "bytes": size}
+
+
+def save_adapter(llm, out: str, base_folder: str) -> None:
+    """The PEFT adapter, naming its base LLM by the absolute folder that stock
+    `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out)` reads."""
+    configs = list(llm.peft_config.values())
+    before = [c.base_model_name_or_path for c in configs]
+    for c in configs:
+        c.base_model_name_or_path = base_folder
+    try:
+        llm.save_pretrained(out)
+    finally:
+        for c, name in zip(configs, before, strict=True):
+            c.base_model_name_or_path = name

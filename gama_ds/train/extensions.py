@@ -9,10 +9,11 @@ word. Every gama_ds process therefore builds or loads an op only while holding a
 the only gama_ds process touching the folder, so a torch `lock` found then is stale, and is
 removed with a message naming it.
 
-Which ops compile today (DeepSpeed 0.19.8): on CPU, the shared-memory collective
-(`deepspeed_shm_comm`, about 35 s), built by `deepspeed.init_distributed` for its inference
-all-reduce, which training never calls; on GPUs, none, now that the optimizer is torch's fused
-AdamW (engine.py); with `deepspeed.offload`, CPU Adam (a host op, no nvcc needed).
+Which ops compile (DeepSpeed 0.19.8): on GPUs, none, now that the optimizer is torch's fused
+AdamW (engine.py); with `deepspeed.offload`, CPU Adam (a host op, no nvcc needed); on CPU ranks,
+the shared-memory collective (`deepspeed_shm_comm`, about 35 s once per extensions folder), which
+`deepspeed.init_distributed` builds for its inference all-reduce. `make` builds it at set-up
+(`python -m gama_ds.train.extensions`), so that neither the demo nor the tests pay for it.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ log = logging.getLogger("gama_ds.train")
 
 TORCH_LOCK = "lock"  # torch.utils.cpp_extension's FileBaton, in each op's build folder
 OUR_LOCK = "gama_ds-build.lock"
+SHM_COMM = "ShareMemCommBuilder"  # the CPU accelerator's deepspeed_shm_comm
 
 
 def default_extensions_dir() -> str:
@@ -40,23 +42,14 @@ def extensions_dir() -> str:
     return os.environ.setdefault("TORCH_EXTENSIONS_DIR", default_extensions_dir())
 
 
-def skip_unused_ops() -> None:
+def build_comm_op() -> None:
     """Before `deepspeed.init_distributed`: DeepSpeed's CPU accelerator builds its shared-memory
-    all-reduce there, used only by `inference_all_reduce` (tensor-parallel inference), never by
-    training. Marking it incompatible makes DeepSpeed skip it, as it does on platforms without it;
-    the GPU accelerators have no such op, so nothing changes there."""
-    import deepspeed.ops
+    all-reduce there, through torch's lock alone. Built (or loaded) here first, under our lock,
+    DeepSpeed's own `load()` then takes the cached module. GPU accelerators have no such op."""
     from deepspeed.accelerator import get_accelerator
 
-    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-    if builder is None:
-        return
-    if "__compatible_ops__" in vars(deepspeed.ops):  # probed already: one dict, which DeepSpeed keeps
-        deepspeed.ops.__compatible_ops__[builder.NAME] = False
-    else:
-        # Not probed yet, and better not: probing test-compiles programs (async_io's against
-        # libaio). In DeepSpeed 0.19.8 build_shm_op is the dict's only reader.
-        deepspeed.ops.__compatible_ops__ = {builder.NAME: False}
+    if get_accelerator().create_op_builder(SHM_COMM) is not None:
+        load_op(SHM_COMM)
 
 
 @contextlib.contextmanager
@@ -98,3 +91,10 @@ def load_op(builder_name: str):
     with build_lock(root):
         clear_stale_lock(root, builder.name)
         return builder.load(verbose=False)
+
+
+if __name__ == "__main__":
+    # `make` set-up: this node's ops for CPU ranks, built once into TORCH_EXTENSIONS_DIR.
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    build_comm_op()
+    log.info("DeepSpeed's ops for this node are built in %s", extensions_dir())

@@ -31,7 +31,7 @@ from .distributed import (
     sum_over_ranks,
 )
 from .engine import initialize
-from .extensions import extensions_dir, skip_unused_ops
+from .extensions import build_comm_op, extensions_dir
 from .held_out import MODEL_INPUTS, HeldOut
 from .metrics import ExampleTrace, Metrics, Window, device_peak_flops, flops_per_sample, flops_per_token
 from .partitioned import build_for_training, gathered_for_init
@@ -83,12 +83,16 @@ def _train(dog: Watchdog, recipe_path: str, overrides: list[str], resume: str | 
     # -- 2. processes, seeds, tokenizer, model (built identically on every rank)
     start_resource_tracker_deaf_to_stop_signals()  # before anything creates a semaphore
     extensions_dir()  # node-local unless set
-    skip_unused_ops()  # nothing compiles at start (extensions.py)
+    build_comm_op()  # under our lock, not torch's alone (extensions.py)
     start_process_group(local_rank, recipe.train.collective_timeout_s)
     dog.start(rank, world, recipe.train.heartbeat_timeout_s, recipe.train.stall_timeout_s)
     seed_everything(recipe.train.seed)
     tokenizer = load_tokenizer(plan.tokenizer)
-    recipe.model.llm = plan.llm_source
+    # From here the recipe is what run.json records and `gama-ds export` rebuilds from, in any working
+    # directory: every folder it reads is named by absolute path.
+    recipe.model.llm, recipe.data.tokenizer = plan.llm_source, plan.tokenizer
+    if recipe.train.init is not None:
+        recipe.train.init = os.path.abspath(recipe.train.init)
     if recipe.model.dtype == "float32" and plan.precision == "bf16":
         # DeepSpeed's bf16 mode casts the weights anyway: building in bf16 halves host memory.
         recipe.model.dtype = "bfloat16"

@@ -17,6 +17,7 @@ from ..data.plan import EpochPlan, PlanError
 from ..data.shards import ShardError
 from ..data.stream import StreamConfig, StreamError, open_sets
 from ..data.tokenizer import BYTES
+from ..exported import base_llm_folder, is_export, read_info
 from ..model.llm import PRESETS, choose_attention, is_preset
 from .checkpoint import complete_tags
 from .engine import accumulation_steps, resolve_ds_config, resolve_precision
@@ -44,12 +45,14 @@ def llm_source(recipe: Recipe) -> str:
     """Where the LLM's weights come from: model.llm, or, for a preset, the weights that the
     init brings (a reference base folder, or the base LLM saved in a gama-ds export)."""
     m, init = recipe.model.llm, recipe.train.init
+    # A folder by absolute path: run.json records it, and the run's export and anything after it
+    # (another working directory, another machine's mount) must find the same folder.
     if not is_preset(m) or init is None:
-        return m
+        return m if is_preset(m) else os.path.abspath(m)
     if _is_hf_folder(init):
-        return init
-    if _is_hf_folder(os.path.join(init, "llm")):
-        return os.path.join(init, "llm")
+        return os.path.abspath(init)
+    if is_export(init):  # its base LLM, inside it or named by path, checked by fingerprint
+        return os.path.abspath(base_llm_folder(init, read_info(init)))
     return m
 
 
@@ -152,6 +155,7 @@ def preflight(recipe: Recipe, world_size: int, resume: str | None, recipe_hash: 
         )
     if tokenizer != BYTES and not os.path.isdir(tokenizer):
         raise ConfigError(f"data.tokenizer {tokenizer} is not a folder (or 'bytes')")
+    tokenizer = tokenizer if tokenizer == BYTES else os.path.abspath(tokenizer)
     check_shards(recipe, world_size)
     check_output_dir(recipe, resume, recipe_hash)
     ds_config = resolve_ds_config(recipe, world_size)
