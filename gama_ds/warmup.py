@@ -30,6 +30,7 @@ from .model.encoder import FRAMES, PATCH
 from .synth import QUESTIONS
 
 SUMMED = {"count"}  # tasks answered by how much of the clip is an event, not whether one is
+HEAD_LR_SCALE = 10.0  # the heads' learning rate over the encoder's (see warm_up)
 
 
 class MaxHead(nn.Module):
@@ -74,8 +75,8 @@ def warm_up(
     model,
     train_root: str,
     eval_root: str | None = None,
-    steps: int = 900,
-    batch_size: int = 16,
+    steps: int = 700,
+    batch_size: int = 8,
     lr: float = 1e-3,
     seed: int = 0,
     log=print,
@@ -94,7 +95,17 @@ def warm_up(
     for p in frozen:
         p.requires_grad_(True)
     params = [*encoder.parameters(), *heads.parameters()]
-    optim = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    # The heads start from nothing and must grow large readouts of small pooled differences (one
+    # burst more is about 2.5 of 64 tokens): at the encoder's rate, 450 steps of 8 clips left
+    # the count at 33% held-out, at 10x it 58%, the other questions at 97-100% either way.
+    optim = torch.optim.AdamW(
+        [
+            {"params": list(encoder.parameters())},
+            {"params": list(heads.parameters()), "lr": lr * HEAD_LR_SCALE},
+        ],
+        lr=lr,
+        weight_decay=0.0,
+    )
     warmup = min(20, steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optim, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1.0 - s / steps)

@@ -25,6 +25,10 @@ def test_demo_pipeline_end_to_end(tmp_path):
     assert summary["ranks"] == 2 and summary["passed"] is True
     assert set(summary["accuracy_by_task"]) == {"count", "pitch", "kind", "loudness"}
     assert set(summary["timings"]) == {"synthesise", "convert", "warm-up", "train", "export", "evaluate"}
+    # Each phase's CPU time counts the processes it waited for: the demo itself only waits while
+    # the launcher's ranks train (each imports torch and DeepSpeed alone for seconds of CPU).
+    assert set(summary["cpu_seconds"]) == set(summary["timings"])
+    assert summary["cpu_seconds"]["train"] > 2.0
     assert set(summary["warm_up_accuracy_by_task"]) == {"count", "pitch", "kind", "loudness"}
     # Training ran with the DeepSpeed launcher on 2 ranks, ZeRO-2, on the set's own tokenizer.
     run = json.loads((out / "run" / "run.json").read_text())

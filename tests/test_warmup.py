@@ -25,7 +25,7 @@ def test_warm_up_teaches_the_encoder_pitch_and_leaves_the_stage_setting(tmp_path
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        accuracy = warm_up(model, roots["train"], roots["test"], steps=300, log=lambda m: None)
+        accuracy = warm_up(model, roots["train"], roots["test"], steps=300, batch_size=16, log=lambda m: None)
     finally:
         torch.set_num_threads(threads)
     assert set(accuracy) == {"count", "pitch", "kind", "loudness"}
