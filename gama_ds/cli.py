@@ -525,7 +525,7 @@ def _add_demo(sub) -> None:
     p.add_argument("--out", default="demo_run", help="working folder (default demo_run)")
     p.add_argument("--clips", type=_positive_int, default=400, help="training clips (default 400)")
     p.add_argument("--test-clips", type=_positive_int, default=60, help="held-out clips (default 60)")
-    p.add_argument("--epochs", type=_positive_int, default=4, help="training epochs (default 4)")
+    p.add_argument("--epochs", type=_positive_int, default=6, help="training epochs (default 6)")
     p.add_argument("--ranks", type=_positive_int, default=2, help="DeepSpeed ranks (default 2)")
     p.add_argument(
         "--warmup-steps",

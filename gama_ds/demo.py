@@ -75,7 +75,7 @@ def run_demo(
     out: str = "demo_run",
     clips: int = 400,
     test_clips: int = 60,
-    epochs: int = 4,
+    epochs: int = 6,
     ranks: int = 2,
     warmup_steps: int = 700,
     min_accuracy: float = 0.9,
