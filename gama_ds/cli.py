@@ -269,6 +269,11 @@ def _generate(args) -> int:
     if bool(args.audio) == bool(args.input) or bool(args.audio) != bool(args.question):
         raise UsageError("give either --audio FILE --question TEXT, or --input JSON")
     model, tokenizer, info = _load_export(args, _placement(args))
+    if model.soft_prompt is not None:
+        raise UsageError(
+            f"--model {args.model} has a soft prompt, whose prompts hold each clip's tags from a tagger; "
+            "gama-ds generate does not run one yet: use gama-ds eval on tagged shards"
+        )
     defaults = export_generation(info, os.path.join(args.model, INFO))
     max_new_tokens = defaults.pop("max_new_tokens")
     max_new_tokens = args.max_new_tokens or max_new_tokens
@@ -411,6 +416,7 @@ def _add_eval(sub) -> None:
 
 
 def _eval(args) -> int:
+    from .exported import soft_prompt_settings
     from .infer import TextEmbedder, evaluate
     from .report import report_table
 
@@ -443,6 +449,7 @@ def _eval(args) -> int:
         prompt.get("train_on_inputs", True),
         embedder,
         labels,
+        soft_prompt_settings(info),
     )
     result = {"device": str(placement[0]), "dtype": str(placement[1]).removeprefix("torch."), **result}
     if args.json:

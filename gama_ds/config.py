@@ -19,6 +19,7 @@ from typing import Literal
 import yaml
 
 from .data.prompts import TEMPLATES
+from .data.soft_prompt import HINT, SENTINEL, TAGS
 from .errors import GamaDsError
 
 RECIPES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
@@ -28,9 +29,9 @@ class ConfigError(GamaDsError, ValueError):
     """A recipe key or value that cannot be used; the message names the key."""
 
 
-GROUP_NAMES = ("llm", "lora", "audio_encoder", "aggregator", "qformer", "projections")
+GROUP_NAMES = ("llm", "lora", "audio_encoder", "aggregator", "qformer", "projections", "soft_prompt")
 # model.trainable: what each setting trains (model/weights.py applies it); LoRA trains whenever
-# there is LoRA. Its keys are the setting's choices.
+# there is LoRA, and the soft prompt whenever there is one. Its keys are the setting's choices.
 TRAINABLE_GROUPS = {
     "proj": {"projections"},
     "qformer": {"aggregator", "projections"},
@@ -70,6 +71,48 @@ class LoraConfig:
 
 
 @dataclass
+class SoftPromptConfig:
+    """GAMA-IT's soft prompt (docs/MODEL.md#the-soft-prompt): the clip's audio event tags in a
+    sentence in the prompt's Input section, its `<hint>` replaced by `tokens` trainable embeddings.
+    The paper gives the sentence only; every number here is ours."""
+
+    tokens: int = 1  # trainable embeddings in place of <hint> ("a trainable soft-prompt vector")
+    # The paper's sentence: <hint> marks the soft tokens, {tags} the tag list; each exactly once.
+    template: str = "According to <hint>, you are allowed to use or partially use the following tags: {tags}"
+    top_k: int = 5  # at most this many tags, the highest scores first
+    threshold: float = 0.1  # a tag's score must be at least this (the tagger's sigmoid, in [0, 1])
+    separator: str = "; "  # between tags (AudioSet names hold commas: "Vehicle horn, car horn, honking")
+    # In place of the tag list when no tag passes; null: no sentence (nor soft tokens) for that clip.
+    no_tags: str | None = "none"
+    # The soft tokens start as the embedding rows of this text's tokens, repeated to fill them.
+    init: str = "the audio tagger"
+
+    def check(self, key: str = "model.soft_prompt") -> None:
+        if self.tokens < 1:
+            raise ConfigError(f"{key}.tokens must be at least 1, got {self.tokens}")
+        for mark in (HINT, TAGS):
+            if self.template.count(mark) != 1:
+                raise ConfigError(
+                    f"{key}.template must hold {mark} exactly once, got {self.template.count(mark)} in "
+                    f"{self.template!r}"
+                )
+        if SENTINEL in self.template + self.separator + (self.no_tags or ""):
+            raise ConfigError(f"{key}: U+E000 is reserved (it marks the soft tokens while tokenising)")
+        if self.top_k < 1:
+            raise ConfigError(f"{key}.top_k must be at least 1, got {self.top_k}")
+        if not 0.0 <= self.threshold <= 1.0:  # also refuses NaN
+            raise ConfigError(f"{key}.threshold is a tag score, within [0, 1]; got {self.threshold}")
+        if not self.separator:
+            raise ConfigError(f"{key}.separator must not be empty")
+        if self.no_tags is not None and not self.no_tags.strip():
+            raise ConfigError(
+                f"{key}.no_tags must be a word (e.g. none) or null (no sentence), got {self.no_tags!r}"
+            )
+        if not self.init.strip():
+            raise ConfigError(f"{key}.init must be a text whose token embeddings start the soft tokens")
+
+
+@dataclass
 class ModelConfig:
     variant: Literal["gama", "ltu"] = "gama"  # gama: 96-token prefix; ltu: 32 tokens, one linear projection
     llm: str = "llama-2-7b"  # an LLM shape preset (gama_ds/model/llm.py) or an HF model folder
@@ -84,9 +127,12 @@ class ModelConfig:
     gradient_checkpointing: bool = False  # for the LLM and the audio encoder
     # weights' dtype when built; training precision is the engine's business (train.precision)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    soft_prompt: SoftPromptConfig | None = None  # GAMA-IT's tags sentence with trainable <hint> (null: none)
 
     def check(self) -> None:
         check_choices(self, "model")
+        if self.soft_prompt is not None:
+            self.soft_prompt.check()
         if self.variant == "ltu" and self.trainable in ("qformer", "qformer_all", "all_but_encoder"):
             raise ConfigError(
                 f"model.trainable {self.trainable!r} needs the gama variant; LTU trains proj or all"

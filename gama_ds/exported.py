@@ -3,6 +3,8 @@
 An export folder holds:
   gama_ds.json         the architecture, aggregator mode, feature recipe, prompt settings, base LLM
   audio.safetensors    every audio module (encoder, aggregator, Q-Former, projections)
+  soft_prompt.safetensors  with a soft prompt (model.soft_prompt in gama_ds.json): its embeddings;
+                       gama_ds.json's `tagger` then describes the tagger its training tags came from
   adapter/             the LoRA adapter, for `peft.PeftModel.from_pretrained(base_llm, adapter)`
   llm/                 the base LLM, when the export carries it (presets, small LLMs, --include-llm);
                        else gama_ds.json names its folder by absolute path, with a fingerprint
@@ -25,6 +27,7 @@ from .model.weights import import_reference_path
 INFO = "gama_ds.json"
 FORMAT = "gama_ds.export"
 LLM_DIR = "llm"  # the base LLM inside an export, named relative to the export folder itself
+SOFT_PROMPT_FILE = "soft_prompt.safetensors"
 
 
 def is_export(path: str | None) -> bool:
@@ -36,16 +39,25 @@ def read_info(path: str) -> dict:
         return json.load(f)
 
 
+def soft_prompt_settings(info: dict):
+    """An export's soft prompt settings (config.SoftPromptConfig), None when it has none."""
+    return from_dict(ModelConfig, info["model"]).soft_prompt
+
+
 def load_init(model, path: str) -> None:
     """A gama-ds export or a reference GAMA/LTU checkpoint, into a freshly built model.
 
-    Writes the audio modules and LoRA (and peft's modules_to_save copies), never the base LLM,
-    whose weights the model was built with."""
+    Writes the audio modules, LoRA (and peft's modules_to_save copies) and a soft prompt, never
+    the base LLM, whose weights the model was built with. A model with a soft prompt keeps its
+    own init where the export has none; an export's soft prompt is left out of a model without."""
     if is_export(path):
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
         model.audio.load_state_dict(load_file(os.path.join(path, "audio.safetensors")))
+        soft = os.path.join(path, SOFT_PROMPT_FILE)
+        if model.soft_prompt is not None and os.path.exists(soft):
+            load_soft_prompt(model.soft_prompt, soft)
         adapter = os.path.join(path, "adapter", "adapter_model.safetensors")
         if os.path.exists(adapter) and hasattr(model.llm, "peft_config"):
             result = set_peft_model_state_dict(model.llm, load_file(adapter))
@@ -72,6 +84,7 @@ def load_export(path: str, device=None, dtype=None, llm: str | None = None):
     from transformers import AutoModelForCausalLM
 
     from .model.gama import GamaAudio, GamaModel, LtuAudio
+    from .model.soft_prompt import SoftPrompt
     from .placement import choose_device, choose_dtype
 
     device = device if isinstance(device, torch.device) else choose_device(device)
@@ -90,9 +103,30 @@ def load_export(path: str, device=None, dtype=None, llm: str | None = None):
     audio_cls = GamaAudio if cfg.variant == "gama" else LtuAudio
     audio_modules = audio_cls(cfg, base.config.hidden_size)
     audio_modules.load_state_dict(load_file(os.path.join(path, "audio.safetensors")))
-    model = GamaModel(audio_modules.to(device=device, dtype=dtype), base.to(device)).eval()
+    soft = None
+    if cfg.soft_prompt is not None:
+        soft = SoftPrompt(cfg.soft_prompt.tokens, base.config.hidden_size)
+        load_soft_prompt(soft, os.path.join(path, SOFT_PROMPT_FILE))
+        soft = soft.to(device=device, dtype=dtype)
+    model = GamaModel(audio_modules.to(device=device, dtype=dtype), base.to(device), soft).eval()
     tokenizer = load_tokenizer(os.path.join(path, "tokenizer"))
     return model, tokenizer, info
+
+
+def load_soft_prompt(module, file: str) -> None:
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(file):
+        raise WeightsError(f"{file} is missing: its gama_ds.json has a soft prompt (model.soft_prompt)")
+    state = load_file(file)
+    ours = module.state_dict()
+    if set(state) != set(ours) or any(state[k].shape != ours[k].shape for k in ours):
+        shapes = {k: list(v.shape) for k, v in state.items()}
+        raise WeightsError(
+            f"{file}: {shapes} does not fit a soft prompt of {module.tokens} tokens "
+            f"({ {k: list(v.shape) for k, v in ours.items()} })"
+        )
+    module.load_state_dict(state)
 
 
 def base_llm_folder(path: str, info: dict, llm: str | None = None) -> str:

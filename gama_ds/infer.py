@@ -14,6 +14,7 @@ import torch
 
 from . import audio
 from .data.collate import IGNORE, Collator, Example, ensure_pad_token, prompt_text
+from .data.soft_prompt import PLACEHOLDER
 from .errors import UsageError
 from .evaluate.classify import cosine_scores, top1
 from .evaluate.embed import TextEmbedder  # noqa: F401  (re-exported: `gama-ds eval --embedder`)
@@ -58,23 +59,29 @@ def generate(
     template: str = "alpaca_short",
     batch_size: int = 8,
     max_new_tokens: int = 400,
+    soft_prompt=None,
+    tags: list | None = None,
     **generate_kwargs,
 ) -> list[str]:
     """One answer per (clip, qa). A clip is a path, encoded bytes, an unpadded fbank array,
-    or None for a text-only question."""
+    or None for a text-only question. With a soft prompt (an export's model.soft_prompt), `tags`
+    holds each clip's tags (data/soft_prompt.py), as training put them in the prompt."""
     settings = dict(REFERENCE_SAMPLING) if not generate_kwargs else {}
     settings.update(generate_kwargs, max_new_tokens=max_new_tokens)
     ensure_pad_token(tokenizer)  # a Llama tokenizer has none; padding is masked
+    tags = [None] * len(qas) if tags is None else tags
     answers: list[str] = []
     for start in range(0, len(qas), batch_size):
-        fbank, input_ids, attention_mask, has_audio = prompt_batch(
-            tokenizer, clips[start : start + batch_size], qas[start : start + batch_size], template
+        part = slice(start, start + batch_size)
+        fbank, input_ids, attention_mask, has_audio, hint_mask = prompt_batch(
+            tokenizer, clips[part], qas[part], template, soft_prompt, tags[part]
         )
         out = model.generate(
             fbank,
             input_ids,
             attention_mask,
             has_audio,
+            hint_mask,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
             **settings,
@@ -83,20 +90,38 @@ def generate(
     return answers
 
 
-def prompt_batch(tokenizer, clips: list, qas: list[dict], template: str):
-    """(fbank, input_ids, attention_mask, has_audio) of one batch for GamaModel.generate: padded
-    features, left-padded prompts. `gama-ds serve` builds its batches with it too."""
+def prompt_batch(tokenizer, clips: list, qas: list[dict], template: str, soft_prompt=None, tags=None):
+    """(fbank, input_ids, attention_mask, has_audio, hint_mask) of one batch for
+    GamaModel.generate: padded features, left-padded prompts. `gama-ds serve` builds its
+    batches with it too. With a soft prompt, each clip's `tags` go into its prompt."""
     if len(clips) != len(qas):
         raise ValueError(f"{len(clips)} clips for {len(qas)} questions")
     fbank = torch.stack([_padded(c) for c in clips])
     has_audio = torch.tensor([c is not None for c in clips])
-    enc = tokenizer(
-        [prompt_text(qa, template) for qa in qas],
-        return_tensors="pt",
-        padding=True,
-        padding_side="left",
-    )
-    return fbank, enc["input_ids"], enc["attention_mask"], has_audio
+    if soft_prompt is None:
+        enc = tokenizer(
+            [prompt_text(qa, template) for qa in qas],
+            return_tensors="pt",
+            padding=True,
+            padding_side="left",
+        )
+        return fbank, enc["input_ids"], enc["attention_mask"], has_audio, None
+    # The training collator's own tokenisation of the prompt, so the hint sits as it did there.
+    collator = Collator(tokenizer, cutoff_len=10**9, template=template, soft_prompt=soft_prompt)
+    tags = [None] * len(qas) if tags is None else tags
+    rows = [
+        collator.encode(collator.prompt(qa, t, c is not None, f"question {i}"))
+        for i, (qa, t, c) in enumerate(zip(qas, tags, clips, strict=True))
+    ]
+    width = max(map(len, rows))
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, ids in enumerate(rows):
+        input_ids[i, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[i, width - len(ids) :] = 1
+    hint_mask = input_ids == PLACEHOLDER
+    input_ids[hint_mask] = tokenizer.pad_token_id
+    return fbank, input_ids, attention_mask, has_audio, hint_mask
 
 
 def _padded(clip) -> torch.Tensor:
@@ -182,11 +207,12 @@ def evaluate(
     train_on_inputs: bool = True,
     embedder=None,
     labels: list[str] | None = None,
+    soft_prompt=None,
 ) -> dict:
     """Over every QA pair of the shard sets: `loss` (held-out loss and perplexity over the
     tokens training supervised), and of greedy answers `exact` (exact match, overall and per
     task) and `classify` (accuracy per task against a label set, see classification_accuracy);
-    a few answers as samples."""
+    a few answers as samples. With a soft prompt, the clips' stored tags go into the prompts."""
     from .data.shards import iter_samples, read_index
 
     unknown = set(metrics) - set(METRICS)
@@ -196,19 +222,36 @@ def evaluate(
     for root in shard_dirs:
         for entry in read_index(root)["shards"]:
             for sample in iter_samples(f"{root}/{entry['file']}"):
-                examples += [(sample.fbank, qa) for qa in sample.meta["qa"]]
+                where = f"{root}/{entry['file']}: sample {sample.key!r}"
+                examples += [(sample.fbank, qa, sample.meta.get("tags"), where) for qa in sample.meta["qa"]]
     result: dict = {"examples": len(examples)}
     if "loss" in metrics:
-        collator = Collator(tokenizer, cutoff_len, template, train_on_inputs)
+        collator = Collator(tokenizer, cutoff_len, template, train_on_inputs, soft_prompt=soft_prompt)
         result["loss"] = _loss(model, collator, examples, batch_size)
         result["perplexity"] = math.exp(result["loss"])
     if "exact" not in metrics and "classify" not in metrics:
         return result
-    qas = [qa for _, qa in examples]
+    qas = [e[1] for e in examples]
     references = [qa["output"] for qa in qas]
     tasks = [qa.get("task") or "-" for qa in qas]
+    fbanks, tags = [e[0] for e in examples], [e[2] for e in examples]
+    if soft_prompt is not None:
+        missing = [e[3] for e in examples if e[2] is None]
+        if missing:
+            raise UsageError(
+                f"{missing[0]}: no tags, and the model has a soft prompt: gama-ds tag its shards"
+            )
     predictions = generate(
-        model, tokenizer, [f for f, _ in examples], qas, template, batch_size, max_new_tokens, do_sample=False
+        model,
+        tokenizer,
+        fbanks,
+        qas,
+        template,
+        batch_size,
+        max_new_tokens,
+        soft_prompt,
+        tags,
+        do_sample=False,
     )
     if "exact" in metrics:
         result["exact_match"] = exact_match(predictions, references)
@@ -231,9 +274,17 @@ def _loss(model, collator: Collator, examples: list, batch_size: int) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(examples), batch_size):
-            chunk = [Example(str(i), f, qa) for i, (f, qa) in enumerate(examples[start : start + batch_size])]
+            chunk = [Example(w, f, qa, tags=t) for f, qa, t, w in examples[start : start + batch_size]]
             b = collator(chunk)
-            loss = model(b["fbank"], b["input_ids"], b["attention_mask"], b["labels"], b["has_audio"]).loss
+            inputs = (
+                b["fbank"],
+                b["input_ids"],
+                b["attention_mask"],
+                b["labels"],
+                b["has_audio"],
+                b["hint_mask"],
+            )
+            loss = model(*inputs).loss
             n = int((b["labels"][:, 1:] != IGNORE).sum())
             total, count = total + loss.item() * n, count + n
     return total / max(count, 1)

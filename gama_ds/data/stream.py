@@ -261,7 +261,8 @@ class Reader:
             return None
         qa = clip.meta["qa"]
         j = self._picks(ref, len(qa))[ref.k]
-        return Example(f"{self._where(ref.set, ref.shard)}/{clip.key}#{j}", clip.fbank, qa[j])
+        key = f"{self._where(ref.set, ref.shard)}/{clip.key}#{j}"
+        return Example(key, clip.fbank, qa[j], tags=clip.meta.get("tags"))
 
     def close(self) -> None:
         for fd in self.files.values():
@@ -362,8 +363,9 @@ class TrainStream(IterableDataset):
         if pads:  # eval's last global batch: rows that take part in the forward but count nothing
             filler = batch[0] if batch else reader.example(plan.refs(0, 1)[0])
             if filler is not None:
-                ids, _ = self.collator.tokenize(filler.qa)
-                batch += [Example(PADDING, filler.fbank, filler.qa, (ids, [IGNORE] * len(ids)))] * pads
+                ids, _ = self.collator.example_tokens(filler)
+                pad = Example(PADDING, filler.fbank, filler.qa, (ids, [IGNORE] * len(ids)), filler.tags)
+                batch += [pad] * pads
         if not batch:
             raise StreamError(
                 f"epoch {self.epoch}, global batch {g}, micro-batch {j}: every example is a bad sample"

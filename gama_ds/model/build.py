@@ -6,6 +6,7 @@ import peft
 
 from .gama import GamaAudio, GamaModel, LtuAudio
 from .llm import DTYPES, build_llm
+from .soft_prompt import SoftPrompt
 from .weights import set_trainable
 
 
@@ -16,7 +17,8 @@ def build_model(
     load_weights: bool = True,
     llm=None,
 ) -> GamaModel:
-    """LLM (preset or folder) + audio modules + LoRA + trainable groups, on the current device.
+    """LLM (preset or folder) + audio modules + LoRA + soft prompt + trainable groups, on the
+    current device.
 
     `compute_dtype` is the precision the model will run in (the engine's), which picks the
     attention kernel. With `load_weights=False` under `torch.device("meta")` nothing is
@@ -49,7 +51,10 @@ def build_model(
         # LoRA in the LLM's dtype, as everything else: peft would upcast a 16-bit adapter to fp32,
         # and an engine given a model built partitioned (ZeRO-3) casts nothing afterwards.
         llm = peft.get_peft_model(llm, lora, autocast_adapter_dtype=False)
-    model = GamaModel(audio, llm)
+    soft = None
+    if cfg.soft_prompt is not None:  # zeros until the trainer's init rule or an export fills it
+        soft = SoftPrompt(cfg.soft_prompt.tokens, llm.config.hidden_size, DTYPES[cfg.dtype])
+    model = GamaModel(audio, llm, soft)
     set_trainable(model, cfg.trainable)
     return model
 

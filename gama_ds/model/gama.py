@@ -120,10 +120,11 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 class GamaModel(nn.Module):
-    def __init__(self, audio: nn.Module, llm: nn.Module):
+    def __init__(self, audio: nn.Module, llm: nn.Module, soft_prompt: nn.Module | None = None):
         super().__init__()
         self.audio = audio
         self.llm = llm
+        self.soft_prompt = soft_prompt  # GAMA-IT's hint (model/soft_prompt.py), or None
 
     @property
     def num_audio_tokens(self) -> int:
@@ -139,10 +140,15 @@ class GamaModel(nn.Module):
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         return fbank, input_ids, attention_mask, None if has_audio is None else has_audio.to(device)
 
-    def _inputs(self, fbank, input_ids, attention_mask, has_audio):
-        """[audio prefix ; text] embeddings and their attention mask, on the model's device."""
+    def _inputs(self, fbank, input_ids, attention_mask, has_audio, hint_mask=None):
+        """[audio prefix ; text] embeddings and their attention mask, on the model's device; the
+        soft prompt's embeddings in the text where `hint_mask` says."""
         fbank, input_ids, attention_mask, has_audio = self.place(fbank, input_ids, attention_mask, has_audio)
         text = self.llm.get_input_embeddings()(input_ids)
+        if self.soft_prompt is not None:
+            hints = torch.zeros_like(input_ids, dtype=torch.bool) if hint_mask is None else hint_mask
+            hints = hints.to(input_ids.device)
+            text = torch.where(hints[..., None], self.soft_prompt(hints).to(text.dtype), text)
         prefix = self.audio(fbank).to(text.dtype)
         audio_mask = torch.ones(prefix.shape[:2], dtype=attention_mask.dtype, device=attention_mask.device)
         if has_audio is not None:
@@ -156,14 +162,15 @@ class GamaModel(nn.Module):
         attention_mask: torch.Tensor,
         labels: torch.Tensor | None = None,
         has_audio: torch.Tensor | None = None,
+        hint_mask: torch.Tensor | None = None,
     ) -> GamaOutput:
         """Right-padded text after the audio prefix; loss over supervised text tokens.
 
         Samples whose `has_audio` is False still run every audio module (on whatever fbank
         they carry, the pad value from the collator), so all ranks do the same work; their
-        prefix is masked out of attention.
+        prefix is masked out of attention. `hint_mask` [B, T] marks the soft prompt's positions.
         """
-        embeds, mask = self._inputs(fbank, input_ids, attention_mask, has_audio)
+        embeds, mask = self._inputs(fbank, input_ids, attention_mask, has_audio, hint_mask)
         out = self.llm(
             inputs_embeds=embeds,
             attention_mask=mask,
@@ -186,6 +193,7 @@ class GamaModel(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         has_audio: torch.Tensor | None = None,
+        hint_mask: torch.Tensor | None = None,
         **generate_kwargs,
     ) -> torch.Tensor:
         """Batched generation from left-padded prompts; returns only the new token ids.
@@ -195,15 +203,17 @@ class GamaModel(nn.Module):
         generate derives them the same way), so each sample sees exactly what it would see
         alone. Greedy, sampling and beam search all go through `llm.generate`.
         """
-        embeds, mask = self._inputs(fbank, input_ids, attention_mask, has_audio)
+        embeds, mask = self._inputs(fbank, input_ids, attention_mask, has_audio, hint_mask)
         if "synced_gpus" not in generate_kwargs:
             # Under ZeRO-3 every forward gathers parameters from all ranks, so a rank that has
             # finished must keep stepping until all have; transformers only knows when asked.
             generate_kwargs["synced_gpus"] = _zero3_distributed(self)
         # The ids behind the embeddings go along for the logits processors that read them: the
         # reference's repetition penalty covers the prompt's tokens, not only the new ones. The
-        # audio positions repeat each row's first id, which the row holds already.
+        # audio positions, and the soft prompt's, repeat each row's first id, which the row holds already.
         ids = input_ids.to(mask.device)
+        if hint_mask is not None:
+            ids = torch.where(hint_mask.to(ids.device), ids[:, :1], ids)
         ids = torch.cat([ids[:, :1].expand(-1, embeds.shape[1] - ids.shape[1]), ids], dim=1)
         out = self.llm.generate(input_ids=ids, inputs_embeds=embeds, attention_mask=mask, **generate_kwargs)
         if isinstance(out, torch.Tensor):

@@ -2,8 +2,8 @@
 
 Groups are decided by module membership, never by substrings of names: `llm` (the frozen
 base LM), `lora` (peft's adapter tensors: LoRA matrices and `modules_to_save` copies),
-`audio_encoder`, `aggregator`, `qformer` (the Q-Former with its queries and input norm) and
-`projections`. The stage settings are the
+`audio_encoder`, `aggregator`, `qformer` (the Q-Former with its queries and input norm),
+`projections` and `soft_prompt` (GAMA-IT's hint, trained whenever it exists). The stage settings are the
 reference's (reference/gama.md §2.2), with one fix: parameters the forward pass never
 touches (the aggregator's cross-attention and the tap norms in `released` mode) are never
 trainable.
@@ -42,6 +42,9 @@ def parameter_groups(model) -> dict[str, str]:
         group = AUDIO_GROUPS.get(child, "projections")
         for name, _ in module.named_parameters():
             groups[f"audio.{child}.{name}"] = group
+    if getattr(model, "soft_prompt", None) is not None:
+        for name, _ in model.soft_prompt.named_parameters():
+            groups[f"soft_prompt.{name}"] = "soft_prompt"
     return groups
 
 
@@ -50,10 +53,10 @@ def unused_parameters(model) -> set[str]:
 
 
 def set_trainable(model, setting: str) -> dict[str, dict[str, int]]:
-    """Freeze everything but `setting`'s groups and LoRA; returns counts per group."""
+    """Freeze everything but `setting`'s groups, LoRA and the soft prompt; returns counts per group."""
     if setting not in TRAINABLE:
         raise ValueError(f"trainable must be one of {', '.join(TRAINABLE)}; got {setting!r}")
-    wanted = TRAINABLE[setting] | {"lora"}
+    wanted = TRAINABLE[setting] | {"lora", "soft_prompt"}
     groups = parameter_groups(model)
     dead = unused_parameters(model)
     for name, p in model.named_parameters():
@@ -221,7 +224,8 @@ def import_reference(
             mapped[name] = tensor
     provided_groups = {groups[n] for n in mapped}
     for name in ours:
-        if name in mapped or groups[name] == "llm" or name in dead:
+        # The reference released no soft prompt: it always starts from its init rule.
+        if name in mapped or groups[name] in ("llm", "soft_prompt") or name in dead:
             continue
         if (
             groups[name] in allow_fresh

@@ -131,7 +131,7 @@ class Batcher:
         start = time.perf_counter()
         tok = self.tokenizer
         try:
-            fbank, input_ids, attention_mask, has_audio = prompt_batch(
+            fbank, input_ids, attention_mask, has_audio, hint_mask = prompt_batch(
                 tok, [j.features for j in live], [j.qa for j in live], self.template
             )
             for i, job in enumerate(live):
@@ -146,6 +146,7 @@ class Batcher:
                 input_ids,
                 attention_mask,
                 has_audio,
+                hint_mask,
                 pad_token_id=tok.pad_token_id,
                 eos_token_id=tok.eos_token_id,
                 max_new_tokens=max(j.max_tokens for j in live),

@@ -14,6 +14,7 @@ def serve(options: ServeOptions) -> int:
     import uvicorn
 
     from ..data.collate import ensure_pad_token
+    from ..errors import UsageError
     from ..exported import INFO, load_export
     from ..infer import export_generation
     from .app import build_app
@@ -27,6 +28,11 @@ def serve(options: ServeOptions) -> int:
         sampling = export_generation(json.load(f), info_path)
     max_new_tokens = sampling.pop("max_new_tokens")
     model, tokenizer, info = load_export(options.model, device, dtype, llm=options.llm)
+    if model.soft_prompt is not None:
+        raise UsageError(
+            f"--model {options.model} has a soft prompt, whose prompts hold each clip's tags from a tagger; "
+            "gama-ds serve does not run one yet"
+        )
     ensure_pad_token(tokenizer)  # a Llama tokenizer has none; padding is masked
     batcher = Batcher(model, tokenizer, info["prompt"]["template"], options.max_batch, options.batch_wait_ms)
     max_positions = int(getattr(model.llm.config, "max_position_embeddings", 0) or 1 << 20)

@@ -17,7 +17,7 @@ from .. import __version__, audio
 from ..config import ConfigError, Recipe, from_dict
 from ..data.tokenizer import load_tokenizer
 from ..errors import CheckpointError
-from ..exported import FORMAT, INFO, LLM_DIR, load_init
+from ..exported import FORMAT, INFO, LLM_DIR, SOFT_PROMPT_FILE, load_init
 from ..model.build import build_model
 from ..model.llm import build_llm, is_preset
 from ..model.llm_folder import copy_llm, fingerprint, weights_bytes
@@ -69,7 +69,7 @@ def export(path: str, out: str, merge: bool = False, include_llm: bool = False) 
             params[name].copy_(tensor.to(params[name].dtype))
 
     source = {"run": os.path.abspath(run_dir), "checkpoint": tag, "recipe_hash": run["recipe_hash"]}
-    return write_export(model, recipe, out, source, merge, include_llm)
+    return write_export(model, recipe, out, source, merge, include_llm, tagger=run.get("tagger"))
 
 
 # A base LLM up to this size (its weight files) travels inside the export; a larger one is named
@@ -78,9 +78,16 @@ SMALL_LLM_BYTES = 2**30
 
 
 def write_export(
-    model, recipe: Recipe, out: str, source: dict, merge: bool = False, include_llm: bool = False
+    model,
+    recipe: Recipe,
+    out: str,
+    source: dict,
+    merge: bool = False,
+    include_llm: bool = False,
+    tagger: dict | None = None,
 ) -> dict:
-    """Write `model` (built from `recipe`) as an export folder; `source` says where it came from."""
+    """Write `model` (built from `recipe`) as an export folder; `source` says where it came from,
+    `tagger` what tagged its training data (the shards' provenance entry)."""
     from safetensors.torch import save_file
 
     os.makedirs(out, exist_ok=True)
@@ -88,6 +95,11 @@ def write_export(
         {k: v.contiguous() for k, v in model.audio.state_dict().items()},
         os.path.join(out, "audio.safetensors"),
     )
+    if model.soft_prompt is not None:
+        save_file(
+            {k: v.contiguous() for k, v in model.soft_prompt.state_dict().items()},
+            os.path.join(out, SOFT_PROMPT_FILE),
+        )
     base = place_base_llm(recipe, out, include_llm)
     named = os.path.join(os.path.abspath(out), LLM_DIR) if base["inside"] else base["folder"]
     lora = recipe.model.lora is not None
@@ -112,6 +124,8 @@ def write_export(
         },
         "source": source,
     }
+    if recipe.model.soft_prompt is not None:  # its settings are in "model"; what made the tags, here
+        info["tagger"] = tagger
     with open(os.path.join(out, INFO), "w", encoding="utf-8") as f:
         json.dump(info, f, indent=1)
     return info

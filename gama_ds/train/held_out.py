@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 from .watchdog import Watchdog
 
-MODEL_INPUTS = ("fbank", "input_ids", "attention_mask", "labels", "has_audio")
+MODEL_INPUTS = ("fbank", "input_ids", "attention_mask", "labels", "has_audio", "hint_mask")
 
 
 def evaluate(engine, loader, device, dog: Watchdog) -> float:

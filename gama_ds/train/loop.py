@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from ..config import ConfigError, Recipe, load_recipe
 from ..data.collate import Collator
+from ..data.soft_prompt import init_ids
 from ..data.stream import StreamLoader, TrainStream, open_sets
 from ..data.tokenizer import load_tokenizer
 from ..errors import CheckpointError
@@ -34,7 +35,7 @@ from .engine import initialize
 from .extensions import build_comm_op, extensions_dir
 from .held_out import MODEL_INPUTS, HeldOut
 from .metrics import ExampleTrace, Metrics, Window, device_peak_flops, flops_per_sample, flops_per_token
-from .partitioned import build_for_training, gathered_for_init
+from .partitioned import build_for_training, gathered_embeddings, gathered_for_init
 from .preflight import eval_stream_config, preflight, stream_config
 from .run_record import write_result_file, write_run_file
 from .watchdog import Watchdog
@@ -105,6 +106,10 @@ def _train(dog: Watchdog, recipe_path: str, overrides: list[str], resume: str | 
             f"data.tokenizer {plan.tokenizer} has {len(tokenizer)} tokens, the vocabulary of model.llm "
             f"{plan.llm_source} only {model.llm.config.vocab_size}; give the LLM's own tokenizer"
         )
+    if recipe.model.soft_prompt is not None:  # its stated init rule; an init export's tensor may follow
+        with gathered_embeddings(model):
+            ids = init_ids(tokenizer, recipe.model.soft_prompt)
+            model.soft_prompt.init_from(model.llm.get_input_embeddings().weight, ids)
     if recipe.train.init is not None:
         with gathered_for_init(model):
             load_init(model, recipe.train.init)  # a gama-ds export, or a reference checkpoint
@@ -112,7 +117,9 @@ def _train(dog: Watchdog, recipe_path: str, overrides: list[str], resume: str | 
 
     # -- 3. the data: one global order of examples, each rank its micro-batches of every global batch
     d = recipe.data
-    collator = Collator(tokenizer, d.cutoff_len, d.template, d.train_on_inputs)
+    collator = Collator(
+        tokenizer, d.cutoff_len, d.template, d.train_on_inputs, soft_prompt=recipe.model.soft_prompt
+    )
     sets = open_sets([(s.path, s.weight) for s in d.train])
     stream = TrainStream(sets, stream_config(recipe), collator, rank, world, d.num_workers)
     loader = StreamLoader(stream, d.start_method)

@@ -215,3 +215,14 @@ def gathered_for_init(model):
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+
+def gathered_embeddings(model):
+    """The LLM's input embeddings whole on every rank for reading (the soft prompt's init rule
+    reads rows of it), whether ZeRO-3 built them partitioned or not."""
+    weight = model.llm.get_input_embeddings().weight
+    if not hasattr(weight, "ds_id"):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([weight], modifier_rank=None)

@@ -14,7 +14,7 @@ import torch
 
 from ..config import ConfigError, Recipe
 from ..data.plan import EpochPlan, PlanError
-from ..data.shards import ShardError
+from ..data.shards import ShardError, read_index
 from ..data.stream import StreamConfig, StreamError, open_sets
 from ..data.tokenizer import BYTES
 from ..exported import base_llm_folder, is_export, read_info
@@ -35,6 +35,7 @@ class Plan:
     llm_source: str  # a preset name or a model folder
     tokenizer: str
     ds_config: dict
+    tagger: dict | None = None  # the training shards' tagger (their index's provenance), with a soft prompt
 
 
 def _is_hf_folder(path: str | None) -> bool:
@@ -90,6 +91,38 @@ def check_shards(recipe: Recipe, world_size: int) -> None:
             EpochPlan(sets, cfg, 0).accumulation(world_size)
         except (StreamError, ShardError, PlanError) as err:
             raise ConfigError(f"{what}: {err}") from None
+
+
+def check_tags(recipe: Recipe) -> dict | None:
+    """With a soft prompt, every shard set must carry tags from one tagger, tagged with a top_k
+    and threshold no stricter than the recipe's; returns that tagger's provenance entry."""
+    soft = recipe.model.soft_prompt
+    if soft is None:
+        return None
+    found = None
+    for sources, what in ((recipe.data.train, "data.train"), (recipe.data.eval, "data.eval")):
+        for source in sources:
+            tagger = read_index(source.path).get("provenance", {}).get("tagger")
+            retag = f"gama-ds tag {source.path} --tagger DIR"
+            if tagger is None:
+                raise ConfigError(
+                    f"{what}: {source.path} has no tags (its index.json names no tagger) and "
+                    f"model.soft_prompt needs them; tag it first: {retag}"
+                )
+            if tagger.get("top_k", 0) < soft.top_k or tagger.get("threshold", 1.0) > soft.threshold:
+                raise ConfigError(
+                    f"{what}: {source.path} was tagged with top_k {tagger.get('top_k')} and threshold "
+                    f"{tagger.get('threshold')}; model.soft_prompt asks for top_k {soft.top_k} and threshold "
+                    f"{soft.threshold}: tag it again with at least that top_k and at most that threshold "
+                    f"({retag}), or loosen model.soft_prompt"
+                )
+            if found is not None and tagger.get("fingerprint") != found[1].get("fingerprint"):
+                raise ConfigError(
+                    f"{what}: {source.path} was tagged by {tagger.get('path')}, {found[0]} by "
+                    f"{found[1].get('path')}: one model learns one tagger's tags; tag both with the same one"
+                )
+            found = found or (source.path, tagger)
+    return found[1]
 
 
 def stream_config(recipe: Recipe) -> StreamConfig:
@@ -157,6 +190,7 @@ def preflight(recipe: Recipe, world_size: int, resume: str | None, recipe_hash: 
         raise ConfigError(f"data.tokenizer {tokenizer} is not a folder (or 'bytes')")
     tokenizer = tokenizer if tokenizer == BYTES else os.path.abspath(tokenizer)
     check_shards(recipe, world_size)
+    tagger = check_tags(recipe)
     check_output_dir(recipe, resume, recipe_hash)
     ds_config = resolve_ds_config(recipe, world_size)
-    return Plan(precision, accumulation, source, tokenizer, ds_config)
+    return Plan(precision, accumulation, source, tokenizer, ds_config, tagger)

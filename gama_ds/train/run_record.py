@@ -27,6 +27,7 @@ def write_run_file(out_dir, recipe, plan, digest, recipe_path, overrides, world,
         "recipe": asdict(recipe),
         "launch": launch_info(),
         "llm_share_on_rank0": local_share(model),
+        "tagger": plan.tagger,  # with a soft prompt: the tagger of the shards (the export names it)
     }
     with open(os.path.join(out_dir, RUN_FILE), "w", encoding="utf-8") as f:
         json.dump(record, f, indent=1)
