@@ -261,8 +261,7 @@ class Reader:
             return None
         qa = clip.meta["qa"]
         j = self._picks(ref, len(qa))[ref.k]
-        key = f"{self._where(ref.set, ref.shard)}/{clip.key}#{j}"
-        return Example(key, clip.fbank, qa[j], tags=clip.meta.get("tags"))
+        return Example(f"{self._where(ref.set, ref.shard)}/{clip.key}#{j}", clip.fbank, qa[j])
 
     def close(self) -> None:
         for fd in self.files.values():
@@ -364,8 +363,8 @@ class TrainStream(IterableDataset):
             filler = batch[0] if batch else reader.example(plan.refs(0, 1)[0])
             if filler is not None:
                 ids, _ = self.collator.example_tokens(filler)
-                pad = Example(PADDING, filler.fbank, filler.qa, (ids, [IGNORE] * len(ids)), filler.tags)
-                batch += [pad] * pads
+                padding = Example(PADDING, filler.fbank, filler.qa, (ids, [IGNORE] * len(ids)), filler.tags)
+                batch += [padding] * pads
         if not batch:
             raise StreamError(
                 f"epoch {self.epoch}, global batch {g}, micro-batch {j}: every example is a bad sample"
