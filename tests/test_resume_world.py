@@ -1,5 +1,7 @@
 """Resume on another world size: a checkpoint written by N ranks continues on M ranks, ZeRO-2 and
-ZeRO-3 (real DeepSpeed on CPU ranks, the tiny recipe, real shards).
+ZeRO-3 (real DeepSpeed on CPU ranks, the tiny recipe, real shards), with GAMA-IT's soft prompt (its
+own trainable group, fed by tags from a tiny tagger) in every run; and the export of such a run
+answers as the run did.
 
 Each run goes through tests/train_and_dump.py, the trainer unchanged plus a dump of the gathered
 trainable weights, Adam moments, optimizer steps and learning rates right after every checkpoint
@@ -33,9 +35,12 @@ COMMON = [
     "checkpoint.every_steps=1000",
     "checkpoint.keep=3",  # the hops' checkpoints stay for the checks
     # Groups of their own learning rate: ZeRO-3's universal loader would give them all the first's.
-    "optim.group_lr={projections: 2.0e-3, lora: 5.0e-4}",
+    "optim.group_lr={projections: 2.0e-3, lora: 5.0e-4, soft_prompt: 3.0e-3}",
     "model.audio.aggregator_dropout=0.0",  # dropout off: 1 and 2 ranks draw different masks
     "logging.trace_examples=true",  # examples/rank<r>.jsonl: which examples each step trained on
+    # The soft prompt: 2 tokens, a short sentence and 2 tags, so that byte tokens stay few.
+    "model.soft_prompt={tokens: 2, template: 'By <hint> tags: {tags}', top_k: 2}",
+    "data.cutoff_len=160",
 ]
 STAGES = {2: [], 3: ["deepspeed.zero_stage=3", "deepspeed.param_persistence_threshold=0"]}
 # Each stage's job, requeued twice on another world size: (ranks, DataLoader workers per rank) of
@@ -52,9 +57,22 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
+def shards(tmp_path_factory, tiny_tagger):
     tmp = tmp_path_factory.mktemp("resume_world")
     synth_shards(tmp, clips=16, test_clips=4, seed=0)
+    for name in ("train", "test"):  # tags for the soft prompt, as a user adds them
+        cmd = [
+            sys.executable,
+            "-m",
+            "gama_ds",
+            "tag",
+            str(tmp / name),
+            "--tagger",
+            tiny_tagger,
+            "--no-progress",
+        ]
+        done = subprocess.run(cmd, env=train_env(), capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
     return tmp  # 4 training shards x 4 clips
 
 
@@ -127,6 +145,7 @@ def test_the_state_crosses_world_sizes_intact(requeued, uninterrupted, stage, st
     assert sorted(saved) == sorted(loaded)
     names = [k.split("/", 1)[1] for k in saved if k.startswith("fp32/")]
     assert any(".lora_A." in n for n in names) and any(n.startswith("audio.") for n in names)
+    assert "soft_prompt.weight" in names  # its own group, with its own learning rate
     assert not any("embed_tokens" in n for n in names)  # the frozen LLM is not part of it
     for key in saved:
         assert torch.equal(saved[key], loaded[key]), key
@@ -194,3 +213,57 @@ def test_the_world_size_of_a_checkpoint_is_read_from_its_marker_or_its_files(tmp
     # A save that died half-way is refused by name, with the ones that can be resumed.
     with pytest.raises(RuntimeError, match=r"step-00000006 is not a complete checkpoint.*step-00000002"):
         saved_world_size(str(ckpt), cut.name)
+
+
+def test_an_export_with_a_soft_prompt_answers_as_the_run_did(requeued, shards, tmp_path):
+    """The ZeRO-3 run (soft prompt partitioned, resumed twice): its export, loaded back, gives the
+    logits and greedy answers of the model the run held at its last save, left-padded batches of
+    clips with their tags; and the soft prompt is part of what it computes."""
+    from gama_ds.config import Recipe, from_dict
+    from gama_ds.data.collate import Collator, Example
+    from gama_ds.data.shards import iter_samples, read_index
+    from gama_ds.data.soft_prompt import init_ids
+    from gama_ds.data.tokenizer import load_tokenizer
+    from gama_ds.exported import load_export, soft_prompt_settings
+    from gama_ds.infer import generate
+    from gama_ds.train.export import export, rebuild
+
+    out, _ = requeued(3)
+    export(str(out), str(tmp_path / "export"))
+    exported, tokenizer, info = load_export(str(tmp_path / "export"), "cpu", "fp32")
+    run = json.loads((out / "run.json").read_text())
+    recipe = from_dict(Recipe, run["recipe"])
+    soft = soft_prompt_settings(info)
+    assert soft == recipe.model.soft_prompt and soft.tokens == 2
+    tagger = read_index(str(shards / "train"))["provenance"]["tagger"]
+    assert info["tagger"] == run["tagger"] == tagger  # what tagged its training clips
+    # The run's own model: built as training built it, with the weights its last save held.
+    in_run = rebuild(recipe).eval()
+    saved = load_file(out / "dumps" / "save-step-00000008.safetensors")
+    with torch.no_grad():
+        for name, p in in_run.named_parameters():
+            if p.requires_grad:
+                p.copy_(saved[f"fp32/{name}"])
+    start = in_run.llm.get_input_embeddings().weight[init_ids(load_tokenizer(recipe.data.tokenizer), soft)]
+    assert (in_run.soft_prompt.weight - start).abs().max() > 1e-3  # trained away from its init rule
+
+    rows = []
+    for entry in read_index(str(shards / "test"))["shards"]:
+        for sample in iter_samples(str(shards / "test" / entry["file"])):
+            rows += [(sample.fbank, qa, sample.meta["tags"]) for qa in sample.meta["qa"][:2]]
+    assert all(tags for _, _, tags in rows)
+    fbanks, qas, tags = map(list, zip(*rows, strict=True))
+    run_tokenizer = load_tokenizer(recipe.data.tokenizer)
+    args = dict(template="alpaca_short", batch_size=3, max_new_tokens=6, soft_prompt=soft, do_sample=False)
+    answers = generate(exported, tokenizer, fbanks, qas, tags=tags, **args)
+    assert answers == generate(in_run, run_tokenizer, fbanks, qas, tags=tags, **args)
+
+    collate = Collator(tokenizer, recipe.data.cutoff_len, soft_prompt=soft)
+    batch = collate([Example(str(i), f, qa, tags=t) for i, (f, qa, t) in enumerate(rows)])
+    assert batch["hint_mask"].sum(dim=1).tolist() == [2] * len(rows)
+    keys = ("fbank", "input_ids", "attention_mask", "labels", "has_audio", "hint_mask")
+    with torch.no_grad():
+        logits = exported(**{k: batch[k] for k in keys}).logits
+        torch.testing.assert_close(logits, in_run(**{k: batch[k] for k in keys}).logits, rtol=1e-5, atol=1e-5)
+        exported.soft_prompt.weight.zero_()  # without its trained hint the model computes otherwise
+        assert (exported(**{k: batch[k] for k in keys}).logits - logits).abs().max() > 1e-3
