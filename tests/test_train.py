@@ -156,6 +156,8 @@ def test_every_check_fires_before_training(shards, tmp_path):
         (["data.tokenizer=null"], 2, "data.tokenizer is needed"),
         (["model.lora.r=0"], 2, "model.lora.r must be at least 1"),
         (["deepspeed.offload=true"], 2, "offload needs deepspeed.zero_stage 3"),
+        # A soft prompt needs the clips' tags: untagged shards are named, with the command to tag them.
+        (["model.soft_prompt={tokens: 2}"], 2, rf"data.train: {shards / 'train'} has no tags.*gama-ds tag "),
     ]
     # More ranks than shards, and a held-out set smaller than one micro-batch per rank, both run.
     evals = [

@@ -113,8 +113,8 @@ def check_tags(recipe: Recipe) -> dict | None:
                 raise ConfigError(
                     f"{what}: {source.path} was tagged with top_k {tagger.get('top_k')} and threshold "
                     f"{tagger.get('threshold')}; model.soft_prompt asks for top_k {soft.top_k} and threshold "
-                    f"{soft.threshold}: tag it again with at least that top_k and at most that threshold "
-                    f"({retag}), or loosen model.soft_prompt"
+                    f"{soft.threshold}: tag it again ({retag} --top-k {soft.top_k} --threshold "
+                    f"{soft.threshold}), or loosen model.soft_prompt"
                 )
             if found is not None and tagger.get("fingerprint") != found[1].get("fingerprint"):
                 raise ConfigError(
