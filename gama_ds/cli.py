@@ -258,22 +258,27 @@ def _add_generate(sub) -> None:
         help="default: the export's setting, else 400 (the reference's)",
     )
     p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument(
+        "--tagger", help="with a soft prompt: the export's tagger from this folder (a moved or copied one)"
+    )
     _add_placement(p)
 
 
 def _generate(args) -> int:
     from .data.formats import read_inputs
-    from .exported import INFO
-    from .infer import export_generation, generate
+    from .exported import INFO, export_tagger, soft_prompt_settings
+    from .infer import export_generation, generate, tag_clips
 
     if bool(args.audio) == bool(args.input) or bool(args.audio) != bool(args.question):
         raise UsageError("give either --audio FILE --question TEXT, or --input JSON")
-    model, tokenizer, info = _load_export(args, _placement(args))
-    if model.soft_prompt is not None:
-        raise UsageError(
-            f"--model {args.model} has a soft prompt, whose prompts hold each clip's tags from a tagger; "
-            "gama-ds generate does not run one yet: use gama-ds eval on tagged shards"
-        )
+    placement = _placement(args)
+    model, tokenizer, info = _load_export(args, placement)
+    soft = soft_prompt_settings(info)
+    tagger = None
+    if soft is not None:  # its prompts hold each clip's tags: the training clips' tagger makes them
+        tagger = export_tagger(args.model, info, args.tagger, placement[0])
+    elif args.tagger:
+        raise UsageError(f"--tagger: {args.model} has no soft prompt, so no use for a tagger")
     defaults = export_generation(info, os.path.join(args.model, INFO))
     max_new_tokens = defaults.pop("max_new_tokens")
     max_new_tokens = args.max_new_tokens or max_new_tokens
@@ -289,25 +294,27 @@ def _generate(args) -> int:
         kwargs = dict(num_beams=args.beams, do_sample=False)
     elif args.greedy:
         kwargs = dict(do_sample=False)
+    clips, tags = [path for _, path, _ in rows], [None] * len(rows)
+    if tagger is not None:
+        clips, tags = tag_clips(tagger, clips, soft)
     answers = generate(
         model,
         tokenizer,
-        [path for _, path, _ in rows],
+        clips,
         [qa for *_, qa in rows],
         info["prompt"]["template"],
         args.batch_size,
         max_new_tokens,
+        soft,
+        tags,
         **kwargs,
     )
     out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
-    for (record, _, qa), answer in zip(rows, answers, strict=True):
-        out.write(
-            json.dumps(
-                {**record, **{k: v for k, v in qa.items() if k != "source"}, "answer": answer},
-                ensure_ascii=False,
-            )
-            + "\n"
-        )
+    for (record, _, qa), answer, clip_tags in zip(rows, answers, tags, strict=True):
+        row = {**record, **{k: v for k, v in qa.items() if k != "source"}, "answer": answer}
+        if tagger is not None:
+            row["tags"] = clip_tags  # the tags its prompt was given
+        out.write(json.dumps(row, ensure_ascii=False) + "\n")
     if args.out:
         out.close()
     return 0

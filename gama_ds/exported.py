@@ -113,6 +113,35 @@ def load_export(path: str, device=None, dtype=None, llm: str | None = None):
     return model, tokenizer, info
 
 
+def export_tagger(path: str, info: dict, folder: str | None = None, device=None):
+    """The tagger that tagged the training clips of an export with a soft prompt (gama_ds.json's
+    `tagger`), from its recorded folder or `folder` (a copy), checked by fingerprint; run as it
+    ran then (its activation and dtype), on `device`."""
+    from .model.llm_folder import fingerprint
+
+    recorded = info.get("tagger")
+    if not recorded:
+        raise WeightsError(f"{path}: it has a soft prompt but names no tagger; give one with --tagger DIR")
+    where = folder or recorded["path"]
+    if not os.path.isfile(os.path.join(where, "config.json")):
+        flag = "--tagger" if folder else f"{path}'s tagger"
+        raise WeightsError(
+            f"{flag} {where} is not a model folder (moved or deleted?); point at a copy with --tagger DIR"
+        )
+    found = json.loads(json.dumps(fingerprint(where)))
+    if recorded.get("fingerprint") not in (None, found):
+        raise WeightsError(
+            f"{where} is not the tagger that tagged {path}'s training clips ({recorded['path']}): their "
+            "config.json or weight files differ; give --tagger a copy of that one"
+        )
+    from .tags import Tagger
+
+    device = None if device is None else str(device)
+    return Tagger(
+        where, device=device, dtype=recorded.get("dtype"), activation=recorded.get("activation", "auto")
+    )
+
+
 def load_soft_prompt(module, file: str) -> None:
     from safetensors.torch import load_file
 

@@ -124,6 +124,17 @@ def prompt_batch(tokenizer, clips: list, qas: list[dict], template: str, soft_pr
     return fbank, input_ids, attention_mask, has_audio, hint_mask
 
 
+def tag_clips(tagger, clips: list, soft_prompt) -> tuple[list, list]:
+    """(features, tags) of clips for a model with a soft prompt: files and bytes decoded once,
+    the tagger run on the same features the model gets, at the soft prompt's top_k and
+    threshold; a text-only clip (None) has neither."""
+    feats = [c if c is None or not isinstance(c, (str, bytes)) else audio.load_features(c)[0] for c in clips]
+    present = [f for f in feats if f is not None]
+    found = iter(tagger.tag(present, soft_prompt.top_k, soft_prompt.threshold) if present else [])
+    tags = [None if f is None else [[label, score] for label, score in next(found)] for f in feats]
+    return feats, tags
+
+
 def _padded(clip) -> torch.Tensor:
     if clip is None:
         return torch.full((audio.TARGET_FRAMES, audio.NUM_MEL_BINS), audio.PAD_VALUE)

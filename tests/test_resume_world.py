@@ -219,6 +219,7 @@ def test_an_export_with_a_soft_prompt_answers_as_the_run_did(requeued, shards, t
     """The ZeRO-3 run (soft prompt partitioned, resumed twice): its export, loaded back, gives the
     logits and greedy answers of the model the run held at its last save, left-padded batches of
     clips with their tags; and the soft prompt is part of what it computes."""
+    from gama_ds.audio import load_features
     from gama_ds.config import Recipe, from_dict
     from gama_ds.data.collate import Collator, Example
     from gama_ds.data.shards import iter_samples, read_index
@@ -226,6 +227,7 @@ def test_an_export_with_a_soft_prompt_answers_as_the_run_did(requeued, shards, t
     from gama_ds.data.tokenizer import load_tokenizer
     from gama_ds.exported import load_export, soft_prompt_settings
     from gama_ds.infer import generate
+    from gama_ds.tags import Tagger
     from gama_ds.train.export import export, rebuild
 
     out, _ = requeued(3)
@@ -267,3 +269,20 @@ def test_an_export_with_a_soft_prompt_answers_as_the_run_did(requeued, shards, t
         torch.testing.assert_close(logits, in_run(**{k: batch[k] for k in keys}).logits, rtol=1e-5, atol=1e-5)
         exported.soft_prompt.weight.zero_()  # without its trained hint the model computes otherwise
         assert (exported(**{k: batch[k] for k in keys}).logits - logits).abs().max() > 1e-3
+
+    # A raw audio file: gama-ds generate runs the export's tagger on the clip's features and shows
+    # the tags its prompt was given.
+    wav = str(sorted((shards / "audio").glob("*.wav"))[0])
+    question = "What do you hear?"
+    cmd = [sys.executable, "-m", "gama_ds", "generate", "--model", str(tmp_path / "export"), "--audio", wav]
+    cmd += ["--question", question, "--greedy", "--max-new-tokens", "6", "--device", "cpu", "--dtype", "fp32"]
+    done = subprocess.run(cmd, env=train_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = [json.loads(line) for line in done.stdout.splitlines()]
+    features = load_features(wav)[0]
+    (tags,) = Tagger(tagger["path"]).tag([features], soft.top_k, soft.threshold)
+    assert row["tags"] == [list(t) for t in tags] and len(tags) == soft.top_k
+    exported, tokenizer, _ = load_export(str(tmp_path / "export"), "cpu", "fp32")
+    qa = {"instruction": question, "input": ""}
+    (answer,) = generate(exported, tokenizer, [features], [qa], tags=[row["tags"]], **args)
+    assert row["answer"] == answer
