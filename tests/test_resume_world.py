@@ -10,11 +10,13 @@ save and load, so that the state a resumed engine holds is compared with the sta
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -286,3 +288,35 @@ def test_an_export_with_a_soft_prompt_answers_as_the_run_did(requeued, shards, t
     qa = {"instruction": question, "input": ""}
     (answer,) = generate(exported, tokenizer, [features], [qa], tags=[row["tags"]], **args)
     assert row["answer"] == answer
+
+    # gama-ds serve does the same for a stock openai client, and says which tags it used.
+    import openai
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "gama_ds", "serve", "--model", str(tmp_path / "export"), "--port", str(port)]
+    server = subprocess.Popen(
+        cmd, env=train_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0, timeout=60)
+        deadline = time.monotonic() + 120
+        while True:  # until it answers /v1/models, or has died
+            assert server.poll() is None, server.stderr.read()[-3000:]
+            try:
+                client.models.list()
+                break
+            except openai.APIConnectionError:
+                assert time.monotonic() < deadline, "the server did not come up in 120 s"
+                time.sleep(0.2)
+        clip = base64.b64encode(open(wav, "rb").read()).decode()
+        content = [
+            {"type": "text", "text": question},
+            {"type": "input_audio", "input_audio": {"data": clip, "format": "wav"}},
+        ]
+        reply = client.chat.completions.create(
+            model="export", temperature=0, max_tokens=6, messages=[{"role": "user", "content": content}]
+        )
+        assert reply.choices[0].message.content == answer and reply.model_extra["tags"] == row["tags"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

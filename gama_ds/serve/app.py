@@ -231,9 +231,15 @@ class Reply:
                 }
             ],
             "usage": self._usage(job, completion_tokens),
+            **self._tags(job),
         }
 
-    def _chunk(self, delta: dict, reason: str | None = None, usage: dict | None = None) -> str:
+    @staticmethod
+    def _tags(job: Job) -> dict:
+        """Not OpenAI's: with a soft prompt, the tags the clip's prompt was given."""
+        return {} if job.tags is None else {"tags": job.tags}
+
+    def _chunk(self, delta: dict, reason: str | None = None, usage: dict | None = None, extra=None) -> str:
         chunk = {
             "id": self.id,
             "object": "chat.completion.chunk",
@@ -245,6 +251,7 @@ class Reply:
         }
         if usage:
             chunk["usage"] = usage
+        chunk.update(extra or {})
         return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
 
     async def events(self, job: Job, include_usage: bool):
@@ -257,7 +264,7 @@ class Reply:
                     yield self._chunk({"content": payload[0]})
                 elif kind == "done":
                     _, reason, completion_tokens = payload
-                    yield self._chunk({}, reason)
+                    yield self._chunk({}, reason, extra=self._tags(job))
                     if include_usage:
                         yield self._chunk({}, usage=self._usage(job, completion_tokens))
                     break

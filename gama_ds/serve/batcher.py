@@ -43,6 +43,7 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     arrived: float = field(default_factory=time.monotonic)
     prompt_tokens: int = 0
+    tags: list | None = None  # with a soft prompt: the clip's tags its prompt was given
     cancelled: bool = False  # set by the request's handler when its client has gone
 
     def _send(self, event: tuple) -> None:
@@ -56,6 +57,14 @@ class Job:
 
     def fail(self, error: ApiError) -> None:
         self._send(("error", error))
+
+
+def tag_clips(tagger, jobs: list[Job], soft_prompt) -> None:
+    heard = [j for j in jobs if j.features is not None]
+    if heard:
+        found = tagger.tag([j.features for j in heard], soft_prompt.top_k, soft_prompt.threshold)
+        for job, tags in zip(heard, found, strict=True):
+            job.tags = [[label, score] for label, score in tags]
 
 
 class Stats:
@@ -80,8 +89,18 @@ class Stats:
 
 
 class Batcher:
-    def __init__(self, model, tokenizer, template: str, max_batch: int, batch_wait_ms: float):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        template: str,
+        max_batch: int,
+        batch_wait_ms: float,
+        soft_prompt=None,
+        tagger=None,
+    ):
         self.model = model
+        self.soft_prompt, self.tagger = soft_prompt, tagger  # an export with a soft prompt has both
         self.tokenizer = tokenizer
         self.template = template
         self.max_batch = max_batch
@@ -131,8 +150,15 @@ class Batcher:
         start = time.perf_counter()
         tok = self.tokenizer
         try:
+            if self.soft_prompt is not None:  # the tagger on the features the model gets, batched too
+                tag_clips(self.tagger, live, self.soft_prompt)
             fbank, input_ids, attention_mask, has_audio, hint_mask = prompt_batch(
-                tok, [j.features for j in live], [j.qa for j in live], self.template
+                tok,
+                [j.features for j in live],
+                [j.qa for j in live],
+                self.template,
+                self.soft_prompt,
+                [j.tags for j in live],
             )
             for i, job in enumerate(live):
                 audio_tokens = self.model.num_audio_tokens if job.features is not None else 0

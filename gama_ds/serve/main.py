@@ -14,8 +14,7 @@ def serve(options: ServeOptions) -> int:
     import uvicorn
 
     from ..data.collate import ensure_pad_token
-    from ..errors import UsageError
-    from ..exported import INFO, load_export
+    from ..exported import INFO, export_tagger, load_export, soft_prompt_settings
     from ..infer import export_generation
     from .app import build_app
     from .batcher import Batcher
@@ -28,13 +27,12 @@ def serve(options: ServeOptions) -> int:
         sampling = export_generation(json.load(f), info_path)
     max_new_tokens = sampling.pop("max_new_tokens")
     model, tokenizer, info = load_export(options.model, device, dtype, llm=options.llm)
-    if model.soft_prompt is not None:
-        raise UsageError(
-            f"--model {options.model} has a soft prompt, whose prompts hold each clip's tags from a tagger; "
-            "gama-ds serve does not run one yet"
-        )
+    soft = soft_prompt_settings(info)
+    # With a soft prompt, each clip's tags come from the tagger its training clips were tagged by.
+    tagger = export_tagger(options.model, info, device=device) if soft is not None else None
     ensure_pad_token(tokenizer)  # a Llama tokenizer has none; padding is masked
-    batcher = Batcher(model, tokenizer, info["prompt"]["template"], options.max_batch, options.batch_wait_ms)
+    template = info["prompt"]["template"]
+    batcher = Batcher(model, tokenizer, template, options.max_batch, options.batch_wait_ms, soft, tagger)
     max_positions = int(getattr(model.llm.config, "max_position_embeddings", 0) or 1 << 20)
     created = int(os.path.getmtime(info_path))
     app = build_app(options, batcher, sampling, max_new_tokens, max_positions, created)
