@@ -274,7 +274,7 @@ def test_an_export_with_a_soft_prompt_answers_as_the_run_did(requeued, shards, t
 
     # A raw audio file: gama-ds generate runs the export's tagger on the clip's features and shows
     # the tags its prompt was given.
-    wav = str(sorted((shards / "audio").glob("*.wav"))[0])
+    wav = str(sorted((shards / "audio").rglob("*.wav"))[0])
     question = "What do you hear?"
     cmd = [sys.executable, "-m", "gama_ds", "generate", "--model", str(tmp_path / "export"), "--audio", wav]
     cmd += ["--question", question, "--greedy", "--max-new-tokens", "6", "--device", "cpu", "--dtype", "fp32"]
