@@ -40,9 +40,9 @@ COMMON = [
     "optim.group_lr={projections: 2.0e-3, lora: 5.0e-4, soft_prompt: 3.0e-3}",
     "model.audio.aggregator_dropout=0.0",  # dropout off: 1 and 2 ranks draw different masks
     "logging.trace_examples=true",  # examples/rank<r>.jsonl: which examples each step trained on
-    # The soft prompt: 2 tokens, a short sentence and 2 tags, so that byte tokens stay few.
-    "model.soft_prompt={tokens: 2, template: 'By <hint> tags: {tags}', top_k: 2}",
-    "data.cutoff_len=160",
+    # The soft prompt: 2 tokens, a short sentence and 1 tag, so that byte tokens stay few.
+    "model.soft_prompt={tokens: 2, template: 'By <hint>: {tags}', top_k: 1}",
+    "data.cutoff_len=140",
 ]
 STAGES = {2: [], 3: ["deepspeed.zero_stage=3", "deepspeed.param_persistence_threshold=0"]}
 # Each stage's job, requeued twice on another world size: (ranks, DataLoader workers per rank) of
@@ -62,19 +62,14 @@ def free_port() -> int:
 def shards(tmp_path_factory, tiny_tagger):
     tmp = tmp_path_factory.mktemp("resume_world")
     synth_shards(tmp, clips=16, test_clips=4, seed=0)
-    for name in ("train", "test"):  # tags for the soft prompt, as a user adds them
-        cmd = [
-            sys.executable,
-            "-m",
-            "gama_ds",
-            "tag",
-            str(tmp / name),
-            "--tagger",
-            tiny_tagger,
-            "--no-progress",
-        ]
-        done = subprocess.run(cmd, env=train_env(), capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
+    tagging = []  # tags for the soft prompt, as a user adds them; both sets at once
+    for name in ("train", "test"):
+        cmd = [sys.executable, "-m", "gama_ds", "tag", str(tmp / name), "--tagger", tiny_tagger]
+        cmd.append("--no-progress")
+        tagging.append(subprocess.Popen(cmd, env=train_env(), stderr=subprocess.PIPE, text=True))
+    for proc in tagging:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
     return tmp  # 4 training shards x 4 clips
 
 
@@ -220,8 +215,31 @@ def test_the_world_size_of_a_checkpoint_is_read_from_its_marker_or_its_files(tmp
 def test_an_export_with_a_soft_prompt_answers_as_the_run_did(requeued, shards, tmp_path):
     """The ZeRO-3 run (soft prompt partitioned, resumed twice): its export, loaded back, gives the
     logits and greedy answers of the model the run held at its last save, left-padded batches of
-    clips with their tags; and the soft prompt is part of what it computes."""
-    from gama_ds.audio import load_features
+    clips with their tags, and the soft prompt is part of what it computes; on a raw audio file,
+    `gama-ds generate` and `gama-ds serve` run the export's tagger and show the tags they used."""
+    from gama_ds.train.export import export
+
+    out, _ = requeued(3)
+    export(str(out), str(tmp_path / "export"))
+    port, log = free_port(), open(tmp_path / "server.log", "w")
+    cmd = [sys.executable, "-m", "gama_ds", "serve", "--model", str(tmp_path / "export"), "--port", str(port)]
+    server = subprocess.Popen(cmd, env=train_env(), stdout=log, stderr=subprocess.STDOUT)  # loads meanwhile
+    try:
+        soft, tagger = export_equals_run(out, shards, tmp_path / "export")
+        wav = str(sorted((shards / "audio").rglob("*.wav"))[0])
+        row = generate_on_audio(tmp_path / "export", wav, soft, tagger)
+        # gama-ds serve answers a stock openai client the same, and says which tags it used.
+        reply = ask_server(server, port, wav, row["instruction"], tmp_path / "server.log")
+        assert reply.choices[0].message.content == row["answer"] and reply.model_extra["tags"] == row["tags"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+def export_equals_run(out, shards, folder):
+    """The export against the run's own model; returns the export's soft prompt settings and the
+    training shards' tagger."""
     from gama_ds.config import Recipe, from_dict
     from gama_ds.data.collate import Collator, Example
     from gama_ds.data.shards import iter_samples, read_index
@@ -229,12 +247,9 @@ def test_an_export_with_a_soft_prompt_answers_as_the_run_did(requeued, shards, t
     from gama_ds.data.tokenizer import load_tokenizer
     from gama_ds.exported import load_export, soft_prompt_settings
     from gama_ds.infer import generate
-    from gama_ds.tags import Tagger
-    from gama_ds.train.export import export, rebuild
+    from gama_ds.train.export import rebuild
 
-    out, _ = requeued(3)
-    export(str(out), str(tmp_path / "export"))
-    exported, tokenizer, info = load_export(str(tmp_path / "export"), "cpu", "fp32")
+    exported, tokenizer, info = load_export(str(folder), "cpu", "fp32")
     run = json.loads((out / "run.json").read_text())
     recipe = from_dict(Recipe, run["recipe"])
     soft = soft_prompt_settings(info)
@@ -248,7 +263,8 @@ def test_an_export_with_a_soft_prompt_answers_as_the_run_did(requeued, shards, t
         for name, p in in_run.named_parameters():
             if p.requires_grad:
                 p.copy_(saved[f"fp32/{name}"])
-    start = in_run.llm.get_input_embeddings().weight[init_ids(load_tokenizer(recipe.data.tokenizer), soft)]
+    run_tokenizer = load_tokenizer(recipe.data.tokenizer)
+    start = in_run.llm.get_input_embeddings().weight[init_ids(run_tokenizer, soft)]
     assert (in_run.soft_prompt.weight - start).abs().max() > 1e-3  # trained away from its init rule
 
     rows = []
@@ -257,26 +273,35 @@ def test_an_export_with_a_soft_prompt_answers_as_the_run_did(requeued, shards, t
             rows += [(sample.fbank, qa, sample.meta["tags"]) for qa in sample.meta["qa"][:2]]
     assert all(tags for _, _, tags in rows)
     fbanks, qas, tags = map(list, zip(*rows, strict=True))
-    run_tokenizer = load_tokenizer(recipe.data.tokenizer)
     args = dict(template="alpaca_short", batch_size=3, max_new_tokens=6, soft_prompt=soft, do_sample=False)
     answers = generate(exported, tokenizer, fbanks, qas, tags=tags, **args)
     assert answers == generate(in_run, run_tokenizer, fbanks, qas, tags=tags, **args)
 
-    collate = Collator(tokenizer, recipe.data.cutoff_len, soft_prompt=soft)
-    batch = collate([Example(str(i), f, qa, tags=t) for i, (f, qa, t) in enumerate(rows)])
+    batch = Collator(tokenizer, recipe.data.cutoff_len, soft_prompt=soft)(
+        [Example(str(i), f, qa, tags=t) for i, (f, qa, t) in enumerate(rows)]
+    )
     assert batch["hint_mask"].sum(dim=1).tolist() == [2] * len(rows)
-    keys = ("fbank", "input_ids", "attention_mask", "labels", "has_audio", "hint_mask")
+    inputs = {
+        k: batch[k] for k in ("fbank", "input_ids", "attention_mask", "labels", "has_audio", "hint_mask")
+    }
     with torch.no_grad():
-        logits = exported(**{k: batch[k] for k in keys}).logits
-        torch.testing.assert_close(logits, in_run(**{k: batch[k] for k in keys}).logits, rtol=1e-5, atol=1e-5)
+        logits = exported(**inputs).logits
+        torch.testing.assert_close(logits, in_run(**inputs).logits, rtol=1e-5, atol=1e-5)
         exported.soft_prompt.weight.zero_()  # without its trained hint the model computes otherwise
-        assert (exported(**{k: batch[k] for k in keys}).logits - logits).abs().max() > 1e-3
+        assert (exported(**inputs).logits - logits).abs().max() > 1e-3
+    return soft, tagger
 
-    # A raw audio file: gama-ds generate runs the export's tagger on the clip's features and shows
-    # the tags its prompt was given.
-    wav = str(sorted((shards / "audio").rglob("*.wav"))[0])
+
+def generate_on_audio(folder, wav: str, soft, tagger) -> dict:
+    """`gama-ds generate` on a raw audio file: the export's tagger runs on the clip's features,
+    the answer row shows its tags, and the answer is the one those tags give."""
+    from gama_ds.audio import load_features
+    from gama_ds.exported import load_export
+    from gama_ds.infer import generate
+    from gama_ds.tags import Tagger
+
     question = "What do you hear?"
-    cmd = [sys.executable, "-m", "gama_ds", "generate", "--model", str(tmp_path / "export"), "--audio", wav]
+    cmd = [sys.executable, "-m", "gama_ds", "generate", "--model", str(folder), "--audio", wav]
     cmd += ["--question", question, "--greedy", "--max-new-tokens", "6", "--device", "cpu", "--dtype", "fp32"]
     done = subprocess.run(cmd, env=train_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -284,39 +309,40 @@ def test_an_export_with_a_soft_prompt_answers_as_the_run_did(requeued, shards, t
     features = load_features(wav)[0]
     (tags,) = Tagger(tagger["path"]).tag([features], soft.top_k, soft.threshold)
     assert row["tags"] == [list(t) for t in tags] and len(tags) == soft.top_k
-    exported, tokenizer, _ = load_export(str(tmp_path / "export"), "cpu", "fp32")
+    model, tokenizer, _ = load_export(str(folder), "cpu", "fp32")
     qa = {"instruction": question, "input": ""}
-    (answer,) = generate(exported, tokenizer, [features], [qa], tags=[row["tags"]], **args)
-    assert row["answer"] == answer
+    (answer,) = generate(
+        model,
+        tokenizer,
+        [features],
+        [qa],
+        soft_prompt=soft,
+        tags=[row["tags"]],
+        max_new_tokens=6,
+        do_sample=False,
+    )
+    assert row["answer"] == answer and row["instruction"] == question
+    return row
 
-    # gama-ds serve does the same for a stock openai client, and says which tags it used.
+
+def ask_server(server, port: int, wav: str, question: str, log):
     import openai
 
-    port = free_port()
-    cmd = [sys.executable, "-m", "gama_ds", "serve", "--model", str(tmp_path / "export"), "--port", str(port)]
-    server = subprocess.Popen(
-        cmd, env=train_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0, timeout=60)
+    deadline = time.monotonic() + 120
+    while True:  # until it answers, or has died
+        assert server.poll() is None, log.read_text()[-3000:]
+        try:
+            client.models.list()
+            break
+        except openai.APIConnectionError:
+            assert time.monotonic() < deadline, "the server did not come up in 120 s"
+            time.sleep(0.2)
+    clip = base64.b64encode(open(wav, "rb").read()).decode()
+    content = [
+        {"type": "text", "text": question},
+        {"type": "input_audio", "input_audio": {"data": clip, "format": "wav"}},
+    ]
+    return client.chat.completions.create(
+        model="export", temperature=0, max_tokens=6, messages=[{"role": "user", "content": content}]
     )
-    try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0, timeout=60)
-        deadline = time.monotonic() + 120
-        while True:  # until it answers /v1/models, or has died
-            assert server.poll() is None, server.stderr.read()[-3000:]
-            try:
-                client.models.list()
-                break
-            except openai.APIConnectionError:
-                assert time.monotonic() < deadline, "the server did not come up in 120 s"
-                time.sleep(0.2)
-        clip = base64.b64encode(open(wav, "rb").read()).decode()
-        content = [
-            {"type": "text", "text": question},
-            {"type": "input_audio", "input_audio": {"data": clip, "format": "wav"}},
-        ]
-        reply = client.chat.completions.create(
-            model="export", temperature=0, max_tokens=6, messages=[{"role": "user", "content": content}]
-        )
-        assert reply.choices[0].message.content == answer and reply.model_extra["tags"] == row["tags"]
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
