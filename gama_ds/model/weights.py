@@ -66,7 +66,9 @@ def set_trainable(model, setting: str) -> dict[str, dict[str, int]]:
 
 def count_parameters(model, groups: dict[str, str] | None = None) -> dict[str, dict[str, int]]:
     groups = groups or parameter_groups(model)
-    counts = {g: {"total": 0, "trainable": 0} for g in GROUPS}
+    # The soft prompt's group only where there is one: every other model reports as before.
+    names = [g for g in GROUPS if g != "soft_prompt" or getattr(model, "soft_prompt", None) is not None]
+    counts = {g: {"total": 0, "trainable": 0} for g in names}
     for name, p in model.named_parameters():
         n = p.ds_numel if hasattr(p, "ds_numel") else p.numel()  # ZeRO-3 partitions hold [0] shapes
         counts[groups[name]]["total"] += n
