@@ -233,8 +233,8 @@ def evaluate(
     for root in shard_dirs:
         for entry in read_index(root)["shards"]:
             for sample in iter_samples(f"{root}/{entry['file']}"):
-                where = f"{root}/{entry['file']}: sample {sample.key!r}"
-                examples += [(sample.fbank, qa, sample.meta.get("tags"), where) for qa in sample.meta["qa"]]
+                tags, where = sample.meta.get("tags"), f"{root}/{entry['file']}: sample {sample.key!r}"
+                examples += [Example(where, sample.fbank, qa, tags=tags) for qa in sample.meta["qa"]]
     result: dict = {"examples": len(examples)}
     if "loss" in metrics:
         collator = Collator(tokenizer, cutoff_len, template, train_on_inputs, soft_prompt=soft_prompt)
@@ -242,12 +242,12 @@ def evaluate(
         result["perplexity"] = math.exp(result["loss"])
     if "exact" not in metrics and "classify" not in metrics:
         return result
-    qas = [e[1] for e in examples]
+    qas = [e.qa for e in examples]
     references = [qa["output"] for qa in qas]
     tasks = [qa.get("task") or "-" for qa in qas]
-    fbanks, tags = [e[0] for e in examples], [e[2] for e in examples]
+    fbanks, tags = [e.fbank for e in examples], [e.tags for e in examples]
     if soft_prompt is not None:
-        missing = [e[3] for e in examples if e[2] is None]
+        missing = [e.key for e in examples if e.tags is None]
         if missing:
             raise UsageError(
                 f"{missing[0]}: no tags, and the model has a soft prompt: gama-ds tag its shards"
@@ -281,12 +281,11 @@ def evaluate(
     return result
 
 
-def _loss(model, collator: Collator, examples: list, batch_size: int) -> float:
+def _loss(model, collator: Collator, examples: list[Example], batch_size: int) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(examples), batch_size):
-            chunk = [Example(w, f, qa, tags=t) for f, qa, t, w in examples[start : start + batch_size]]
-            b = collator(chunk)
+            b = collator(examples[start : start + batch_size])
             inputs = (
                 b["fbank"],
                 b["input_ids"],

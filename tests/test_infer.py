@@ -226,7 +226,7 @@ def test_eval_cli_reports_classification_with_an_embedder(exported, bert_embedde
 
 
 def test_every_module_runs_in_the_dtype_asked_for_and_bf16_answers_like_fp32(exported):
-    from gama_ds.data.collate import Collator
+    from gama_ds.data.collate import Collator, Example
     from gama_ds.infer import _loss
 
     rows = json.load(open(exported["data"]["test"]))
@@ -247,7 +247,7 @@ def test_every_module_runs_in_the_dtype_asked_for_and_bf16_answers_like_fp32(exp
         assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
         prompt = info["prompt"]
         collator = Collator(tokenizer, prompt["cutoff_len"], prompt["template"], prompt["train_on_inputs"])
-        examples = [(s.fbank, qa) for s in _test_samples(exported) for qa in s.meta["qa"]][:8]
+        examples = [Example(s.key, s.fbank, qa) for s in _test_samples(exported) for qa in s.meta["qa"]][:8]
         losses[name] = _loss(model, collator, examples, batch_size=4)
     assert losses["fp32"] == pytest.approx(losses["bf16"], rel=0.02)  # the same model, in 8-bit mantissas
 
