@@ -73,6 +73,62 @@ def _add_convert(sub) -> None:
     )
     p.add_argument("--overwrite", action="store_true", help="delete a previous conversion in --out first")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_tagging(p, required=False)  # --tagger DIR: tag the clips too, as `gama-ds tag` does
+
+
+def _add_tagging(p, required: bool) -> None:
+    """The tagger flags of `gama-ds convert` and `gama-ds tag`; the numbers are checked by
+    TagOptions.check, before the tagger loads."""
+    from .tags.checks import ACTIVATIONS, DEFAULT_BATCH, DEFAULT_TOP_K
+
+    p.add_argument(
+        "--tagger",
+        required=required,
+        help="an audio-classification model folder with an AST feature extractor (tags each clip)",
+    )
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=DEFAULT_TOP_K,
+        help=f"at most this many tags per clip (default {DEFAULT_TOP_K})",
+    )
+    p.add_argument(
+        "--threshold", type=float, default=0.05, help="keep tags scoring at least this (default 0.05)"
+    )
+    p.add_argument(
+        "--tag-batch-size",
+        type=int,
+        default=DEFAULT_BATCH,
+        help=f"clips per tagger batch (default {DEFAULT_BATCH})",
+    )
+    p.add_argument(
+        "--activation",
+        choices=ACTIVATIONS,
+        default="auto",
+        help="scores from logits (auto: the config's problem_type; sigmoid when it has none)",
+    )
+    p.add_argument(
+        "--device", help="where the tagger runs: cpu, cuda or cuda:N (default: the GPU when there is one)"
+    )
+    p.add_argument(
+        "--dtype", help="the tagger's bf16, fp16 or fp32 (default: bf16 on GPUs that have it, else fp32)"
+    )
+
+
+def _tag_options(args):
+    from .tags.options import TagOptions
+
+    if args.tagger is None:
+        return None
+    return TagOptions(
+        tagger=args.tagger,
+        top_k=args.top_k,
+        threshold=args.threshold,
+        batch_size=args.tag_batch_size,
+        activation=args.activation,
+        device=args.device,
+        dtype=args.dtype,
+    )
 
 
 def _convert(args) -> int:
@@ -94,6 +150,7 @@ def _convert(args) -> int:
         workers=args.workers,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        tagging=_tag_options(args),
     )
     print(summary(result), file=sys.stderr)
     return 1 if result.failed else 0
@@ -120,6 +177,22 @@ def _verify(args) -> int:
     else:
         print(f"{args.dir}: OK, {seen['shards']} shard(s), {seen['samples']} samples", file=sys.stderr)
     return 1 if problems else 0
+
+
+def _add_tag(sub) -> None:
+    p = sub.add_parser("tag", help="add (or replace) audio event tags in a converted shard set")
+    p.add_argument("dir", help="a gama-ds convert output directory")
+    p.add_argument("--workers", type=_positive_int, help="CPU threads of the tagger (default: all cores)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_tagging(p, required=True)
+
+
+def _tag(args) -> int:
+    from .data.pool import default_workers
+    from .tags.tag_set import tag_set
+
+    tag_set(args.dir, _tag_options(args), args.workers or default_workers(), progress=not args.no_progress)
+    return 0
 
 
 def _add_show(sub) -> None:
@@ -625,6 +698,7 @@ COMMANDS = {
     "demo": (_add_demo, _demo),
     "convert": (_add_convert, _convert),
     "verify": (_add_verify, _verify),
+    "tag": (_add_tag, _tag),
     "show": (_add_show, _show),
     "estimate": (_add_estimate, _estimate),
     "train": (_add_train, _train),
