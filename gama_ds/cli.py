@@ -79,7 +79,7 @@ def _add_convert(sub) -> None:
 def _add_tagging(p, required: bool) -> None:
     """The tagger flags of `gama-ds convert` and `gama-ds tag`; the numbers are checked by
     TagOptions.check, before the tagger loads."""
-    from .tags.checks import ACTIVATIONS, DEFAULT_BATCH, DEFAULT_TOP_K
+    from .tags.checks import ACTIVATIONS, DEFAULT_BATCH, DEFAULT_THRESHOLD, DEFAULT_TOP_K
 
     p.add_argument(
         "--tagger",
@@ -93,10 +93,14 @@ def _add_tagging(p, required: bool) -> None:
         help=f"at most this many tags per clip (default {DEFAULT_TOP_K})",
     )
     p.add_argument(
-        "--threshold", type=float, default=0.05, help="keep tags scoring at least this (default 0.05)"
+        "--threshold",
+        type=float,
+        default=DEFAULT_THRESHOLD,
+        help=f"keep tags scoring at least this (default {DEFAULT_THRESHOLD})",
     )
     p.add_argument(
-        "--tag-batch-size",
+        "--batch-size" if required else "--tag-batch-size",
+        dest="tag_batch_size",
         type=int,
         default=DEFAULT_BATCH,
         help=f"clips per tagger batch (default {DEFAULT_BATCH})",

@@ -166,6 +166,41 @@ def real_llm() -> str:
     return folder
 
 
+# A tiny random audio tagger: AST's architecture and feature extractor (the settings of
+# MIT/ast-finetuned-audioset-10-10-0.4593: 1,024 frames, 128 bins, AudioSet's mean and std),
+# a few AudioSet label names, multi-label like AudioSet's. Random weights prove shapes and the
+# feature path, not tagging quality. Built once per session with save_pretrained (~1 s).
+TAGGER_LABELS = [
+    "Speech", "Music", "Dog", "Bark", "Guitar", "Plucked string instrument",
+    "Sine wave", "Beep, bleep", "Silence", "White noise", "Tick", "Chirp tone",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_tagger(tmp_path_factory) -> str:
+    import torch
+    from transformers import ASTConfig, ASTFeatureExtractor, ASTForAudioClassification
+
+    folder = str(tmp_path_factory.mktemp("tiny_tagger"))
+    torch.manual_seed(0)
+    config = ASTConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        frequency_stride=16,  # 8 x 64 patches instead of 12 x 101: cheap, same input shape
+        time_stride=16,
+        max_length=1024,
+        num_mel_bins=128,
+        id2label=dict(enumerate(TAGGER_LABELS)),
+        label2id={name: i for i, name in enumerate(TAGGER_LABELS)},
+        problem_type="multi_label_classification",
+    )
+    ASTForAudioClassification(config).save_pretrained(folder)
+    ASTFeatureExtractor().save_pretrained(folder)
+    return folder
+
+
 # The cluster of the launch tests (tests/cluster.py), shared by every test that asks for it: idle,
 # its daemons cost nothing, and starting them costs seconds. cluster.py imports this module, so
 # it is imported where used.
