@@ -226,6 +226,9 @@ def _show(args) -> int:
             )
             for qa in m["qa"]:
                 print(f"    Q: {qa['instruction']}  A: {qa['output']}")
+            if "tags" in m:
+                shown_tags = ", ".join(f"{label} {score:.2f}" for label, score in m["tags"])
+                print(f"    tags: {shown_tags or '(none passed the tagging)'}")
             shown += 1
     return 0
 

@@ -26,7 +26,7 @@ from gama_ds.tags import Tagger
 # A real recording shipped with CPython itself (its test suite's plucked string: 11.025 kHz,
 # stereo, 0.3 s); a synthesised file stands in where an interpreter was installed without it.
 PLUCK = os.path.join(sysconfig.get_path("stdlib"), "test", "audiodata", "pluck-pcm16.wav")
-QUIET = ["--no-progress", "--workers", "1"]
+QUIET = ["--no-progress", "--workers", "1", "--device", "cpu"]  # CPU: fp32, comparable exactly
 
 
 def set_tags(root: str) -> dict:
@@ -52,7 +52,7 @@ def convert_synth(tmp, name: str, *extra: str) -> str:
 
 @pytest.fixture(scope="module")
 def tagger(tiny_tagger):
-    return Tagger(tiny_tagger)
+    return Tagger(tiny_tagger, device="cpu")
 
 
 @pytest.mark.parametrize("clip", ["real pluck", "11 s stereo 44.1 kHz"])
@@ -92,7 +92,7 @@ def test_scores_activation_and_description(tagger, tiny_tagger, tmp_path):
     scores = [s for _, s in all_tags]
     assert [lab for lab, _ in all_tags] != TAGGER_LABELS and sorted(scores, reverse=True) == scores
     assert sum(scores) > 1.5  # sigmoid (problem_type multi_label): scores do not share one unit
-    soft = Tagger(tiny_tagger, activation="softmax")
+    soft = Tagger(tiny_tagger, device="cpu", activation="softmax")
     (soft_tags,) = soft.tag([fbank], top_k=len(TAGGER_LABELS), threshold=0.0)
     assert abs(sum(s for _, s in soft_tags) - 1.0) < 1e-5
     assert [lab for lab, _ in soft_tags] == [lab for lab, _ in all_tags]  # same order either way

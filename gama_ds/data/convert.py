@@ -442,6 +442,12 @@ def summary(result: ConvertResult) -> str:
         f"rejected: {t['rejected_qa_pairs']} QA pairs ({100 * result.rejected_fraction:.2f}%)"
         + "".join(f"\n  {reason}: {n}" for reason, n in sorted(by_reason.items())),
     ]
+    tagger = result.index["provenance"].get("tagger")
+    if tagger:
+        lines.append(
+            f"tagged by {tagger['path']}: at most {tagger['top_k']} tags per clip scoring at least "
+            f"{tagger['threshold']} ({tagger['activation']})"
+        )
     if result.failed:
         lines.append(
             f"FAILED: {100 * result.rejected_fraction:.2f}% rejected exceeds --max-reject-fraction "

@@ -46,7 +46,14 @@ def read_config(folder: str) -> dict:
     labels = config.get("id2label") if isinstance(config, dict) else None
     if not isinstance(labels, dict) or not labels:
         raise TaggerError(f"{path}: no id2label: a tagger needs its label names")
+    if sorted(labels) != sorted(str(i) for i in range(len(labels))):
+        raise TaggerError(f"{path}: id2label's ids are not 0..{len(labels) - 1}")
     return config
+
+
+def label_names(config: dict) -> list[str]:
+    """id2label's names in class order (read_config checked the ids)."""
+    return [str(config["id2label"][str(i)]) for i in range(len(config["id2label"]))]
 
 
 def resolve_activation(config: dict, activation: str, folder: str) -> tuple[str, str]:

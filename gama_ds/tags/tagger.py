@@ -17,7 +17,7 @@ import torch
 
 from ..model.llm_folder import fingerprint
 from ..placement import DTYPES, choose_device, choose_dtype
-from .checks import TaggerError, check_tagging, read_config, resolve_activation
+from .checks import TaggerError, check_tagging, label_names, read_config, resolve_activation
 from .feature_rule import FeatureRule
 
 
@@ -37,10 +37,7 @@ class Tagger:
         config = read_config(path)
         self.activation, self.activation_rule = resolve_activation(config, activation, path)
         self.rule = FeatureRule.from_folder(path)
-        ids = sorted(int(i) for i in config["id2label"])
-        if ids != list(range(len(ids))):
-            raise TaggerError(f"{path}/config.json: id2label ids are not 0..{len(ids) - 1}")
-        self.labels = [str(config["id2label"][str(i)]) for i in ids]
+        self.labels = label_names(config)
         if top_k is not None and top_k > len(self.labels):
             raise TaggerError(f"--top-k {top_k} is more than the tagger's {len(self.labels)} labels")
         for key in ("max_length", "num_mel_bins"):
