@@ -62,10 +62,12 @@ def run_suite(
                         f"{bare.where}: no instruction, and {suite.path} sets no `prompt:` for {s.name}"
                     )
             parts = os.path.join(out, "parts", f"{s.name}-{_set_stamp(s, base_stamp)}")
+            started = time.monotonic()
             preds, counts = _answer_set(
                 s, rows, parts, ranks, model, tokenizer, template, settings, suite, log
             )
             if ranks.main:
+                counts["seconds"] = round(time.monotonic() - started, 3)  # every rank's share, gathered
                 produced.append((s, rows, _write_results(out, s, rows, preds), counts))
         if not ranks.main:
             return None
