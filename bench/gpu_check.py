@@ -15,6 +15,8 @@ The checks, all on the tiny recipe and synthetic shards (no downloads):
   export        the ZeRO-2 run's export loads onto the device in its dtype (every parameter
                 checked), evaluates (held-out loss) and generates in-process, and `gama-ds eval`
                 picks the same device and dtype by default (bf16 on CUDA) and scores the same loss
+  suite         `gama-ds eval --suite` on that export with default flags: the held-out questions
+                from their audio files, on the device in its default dtype
   mfu           the trainer's metrics carry an MFU (on CPU against GAMA_DS_PEAK_TFLOPS=1)
 Exit status 1 if any check fails. Where it runs on a GPU, its lines go into docs/BENCHMARKS.md
 with the device and the date.
@@ -347,6 +349,37 @@ def check_export(setup: Setup):
     )
 
 
+@check("suite")
+def check_suite(setup: Setup):
+    """`gama-ds eval --suite` on the export, with the device's default flags: every held-out question
+    from its audio file, greedy, scored by text; the report names the device and dtype it ran in."""
+    out = os.path.join(setup.work, "export")
+    if not os.path.isdir(out):
+        return "SKIP", "no export (the export check did not run)"
+    suite = os.path.join(setup.work, "suite.yaml")
+    with open(suite, "w", encoding="utf-8") as f:
+        test = os.path.join(setup.shards, "audio", "test.json")
+        f.write("batch_size: 8\nnum_workers: 2\ngeneration: {do_sample: false, max_new_tokens: 8}\n")
+        f.write(f"datasets: [{{dataset: clothoaqa, name: held-out, eval: {test}}}]\n")
+    flags = [] if setup.cuda else ["--device", "cpu"]
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "gama_ds", "eval", "--model", out, "--suite", suite, "--out",
+         os.path.join(setup.work, "suite"), "--json", *flags],
+        capture_output=True, text=True, timeout=600, env=trainer_env(setup),
+    )  # fmt: skip
+    if done.returncode != 0:
+        return "FAIL", f"gama-ds eval --suite exited {done.returncode}: {done.stderr.strip()[-300:]}"
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    held_out = report["sets"][0]
+    wanted = (str(setup.device) if not setup.cuda else "cuda:0", str(setup.dtype).removeprefix("torch."))
+    ok = (report["device"], report["dtype"]) == wanted and held_out["generated"] == held_out["rows"] > 0
+    return ("PASS" if ok else "FAIL"), (
+        f"{held_out['rows']} questions on {report['device']} {report['dtype']} in "
+        f"{time.perf_counter() - started:.1f} s (with start-up), exact {held_out['score']['value']:.2f}"
+    )
+
+
 @check("mfu")
 def check_mfu(setup: Setup):
     if "zero2" not in setup.runs:
@@ -375,6 +408,7 @@ CHECKS = {
     "term": signal_check(signal.SIGTERM),
     "no-build": check_no_build,
     "export": check_export,
+    "suite": check_suite,
     "mfu": check_mfu,
 }
 

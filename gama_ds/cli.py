@@ -464,14 +464,23 @@ def _import(args) -> int:
 def _add_eval(sub) -> None:
     from .infer import METRICS
 
-    p = sub.add_parser("eval", help="held-out loss, exact match and classification accuracy of an export")
+    p = sub.add_parser(
+        "eval",
+        help="an export on held-out shards (loss, exact match, accuracy) or on an evaluation suite "
+        "(the paper's protocol, data-parallel over ranks)",
+    )
     p.add_argument("--model", required=True, help="a gama-ds export folder")
-    p.add_argument("--shards", required=True, nargs="+", help="shard directories written by gama-ds convert")
+    p.add_argument("--shards", nargs="+", help="shard directories written by gama-ds convert")
+    p.add_argument(
+        "--suite",
+        help="an evaluation suite (YAML: eval files, labels, rules; docs/EVAL.md): fixed prompts, LTU-format "
+        "rows per set, scores in a Table-1 shaped report; launch with torchrun to use every GPU",
+    )
+    p.add_argument("--out", help="with --suite: the folder for the result rows, part files and report.json")
     p.add_argument(
         "--metric",
         nargs="+",
         choices=METRICS,
-        default=["loss", "exact"],
         help="loss (and perplexity), exact (exact match), classify (accuracy against a label set); "
         "default: loss exact",
     )
@@ -491,9 +500,16 @@ def _add_eval(sub) -> None:
 
 
 def _eval(args) -> int:
+    if args.suite:
+        return _eval_suite(args)
     from .infer import TextEmbedder, evaluate
     from .report import report_table
 
+    if not args.shards:
+        raise UsageError("gama-ds eval needs --shards (held-out shard sets) or --suite (an evaluation suite)")
+    if args.out:
+        raise UsageError("--out belongs to --suite")
+    args.metric = args.metric or ["loss", "exact"]
     if (args.embedder or args.labels) and "classify" not in args.metric:
         raise UsageError("--embedder and --labels belong to --metric classify")
     placement = _placement(args)
@@ -530,6 +546,41 @@ def _eval(args) -> int:
     else:
         print(report_table(result))
     return 0
+
+
+def _eval_suite(args) -> int:
+    from .evaluate.suite import read_suite
+    from .evaluate.suite_run import run_suite
+    from .evaluate.table import format_table
+    from .exported import is_export
+
+    given = [flag for flag, value in (("--shards", args.shards), ("--metric", args.metric),
+             ("--embedder", args.embedder), ("--labels", args.labels)) if value]  # fmt: skip
+    if given:
+        raise UsageError(
+            f"{given[0]} belongs to held-out shards, not --suite (the suite file names its sets)"
+        )
+    for flag, value in (("--max-new-tokens", 32), ("--batch-size", 8)):
+        if getattr(args, flag[2:].replace("-", "_")) != value:
+            raise UsageError(
+                f"{flag}: with --suite, set it in the suite (generation.max_new_tokens, batch_size)"
+            )
+    if not args.out:
+        raise UsageError("--suite needs --out DIR for the result rows and the report")
+    suite = read_suite(args.suite)
+    _placement(args)  # checked before any process group or model
+    if not is_export(args.model):
+        raise UsageError(
+            f"--model {args.model} is not a gama-ds export (made by `gama-ds export RUN --out DIR`)"
+        )
+    report = run_suite(suite, args.model, args.out, args.device, args.dtype, args.llm, log=_log)
+    if report is not None:
+        print(json.dumps(report) if args.json else format_table(report))
+    return 0
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def _add_score(sub) -> None:
