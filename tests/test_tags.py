@@ -153,11 +153,19 @@ def test_gama_ds_tag_adds_and_replaces_tags_without_touching_the_features(
     problems, _ = verify(root)
     assert problems == []
 
-    # A tagging stopped before its index was written leaves files the index does not name: the
-    # set stays as it was, and the next tagging clears them.
+    # A tagging that stops half-way (here at a truncated last shard, after the first two shards'
+    # new tag files are written) leaves the index and the tags in force as they were; its files,
+    # named by no index, are ignored, and the next tagging clears them.
     first = sorted(n for n in os.listdir(root) if ".tags." in n)
-    for stray in ("shard-000000.tags.2.json", "shard-000001.tags.2.json.tmp"):
-        shutil.copy(os.path.join(root, first[0]), os.path.join(root, stray))
+    index_bytes, last = open(f"{root}/index.json", "rb").read(), f"{root}/shard-000002.tar"
+    shard_bytes = open(last, "rb").read()
+    open(last, "wb").write(shard_bytes[: len(shard_bytes) // 2])
+    capsys.readouterr()
+    assert main(["tag", root, "--tagger", tiny_tagger, "--top-k", "2", "--batch-size", "1", *QUIET]) == 2
+    assert "shard-000002.tar" in capsys.readouterr().err
+    open(last, "wb").write(shard_bytes)
+    assert len([n for n in os.listdir(root) if ".tags.2." in n]) == 2  # the stopped run's files
+    assert open(f"{root}/index.json", "rb").read() == index_bytes
     assert verify(root)[0] == [] and set_tags(root) == tags
 
     # Re-tagging replaces: a new generation of files, the old ones gone, the tars untouched.
