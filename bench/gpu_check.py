@@ -15,7 +15,11 @@ The checks, all on the tiny recipe and synthetic shards (no downloads):
   export        the ZeRO-2 run's export loads onto the device in its dtype (every parameter
                 checked), evaluates (held-out loss) and generates in-process, and `gama-ds eval`
                 picks the same device and dtype by default (bf16 on CUDA) and scores the same loss
+  suite         `gama-ds eval --suite` on that export with default flags: the held-out questions
+                from their audio files, on the device in its default dtype
   mfu           the trainer's metrics carry an MFU (on CPU against GAMA_DS_PEAK_TFLOPS=1)
+  tags          `gama-ds tag` with a tiny AST tagger on the device's defaults gives the scores
+                of an fp32 CPU tagging of the same shards, and the set verifies
 Exit status 1 if any check fails. Where it runs on a GPU, its lines go into docs/BENCHMARKS.md
 with the device and the date.
 """
@@ -38,7 +42,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-from conftest import synth_shards  # noqa: E402
+from conftest import TAGGER_LABELS, synth_shards, write_tiny_tagger  # noqa: E402
 from gama_ds.model.build import build_model, tiny_config  # noqa: E402
 from gama_ds.model.gama import IGNORE  # noqa: E402
 
@@ -347,6 +351,37 @@ def check_export(setup: Setup):
     )
 
 
+@check("suite")
+def check_suite(setup: Setup):
+    """`gama-ds eval --suite` on the export, with the device's default flags: every held-out question
+    from its audio file, greedy, scored by text; the report names the device and dtype it ran in."""
+    out = os.path.join(setup.work, "export")
+    if not os.path.isdir(out):
+        return "SKIP", "no export (the export check did not run)"
+    suite = os.path.join(setup.work, "suite.yaml")
+    with open(suite, "w", encoding="utf-8") as f:
+        test = os.path.join(setup.shards, "audio", "test.json")
+        f.write("batch_size: 8\nnum_workers: 2\ngeneration: {do_sample: false, max_new_tokens: 8}\n")
+        f.write(f"datasets: [{{dataset: clothoaqa, name: held-out, eval: {test}}}]\n")
+    flags = [] if setup.cuda else ["--device", "cpu"]
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "gama_ds", "eval", "--model", out, "--suite", suite, "--out",
+         os.path.join(setup.work, "suite"), "--json", *flags],
+        capture_output=True, text=True, timeout=600, env=trainer_env(setup),
+    )  # fmt: skip
+    if done.returncode != 0:
+        return "FAIL", f"gama-ds eval --suite exited {done.returncode}: {done.stderr.strip()[-300:]}"
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    held_out = report["sets"][0]
+    wanted = (str(setup.device) if not setup.cuda else "cuda:0", str(setup.dtype).removeprefix("torch."))
+    ok = (report["device"], report["dtype"]) == wanted and held_out["generated"] == held_out["rows"] > 0
+    return ("PASS" if ok else "FAIL"), (
+        f"{held_out['rows']} questions on {report['device']} {report['dtype']} in "
+        f"{time.perf_counter() - started:.1f} s (with start-up), exact {held_out['score']['value']:.2f}"
+    )
+
+
 @check("mfu")
 def check_mfu(setup: Setup):
     if "zero2" not in setup.runs:
@@ -365,6 +400,46 @@ def check_mfu(setup: Setup):
     return "PASS", f"mfu {max(mfu):.2e} (tiny model, against {against}), {tokens:.0f} tokens/s"
 
 
+@check("tags")
+def check_tags(setup: Setup):
+    """Tags from the stored features on the device (bf16 on CUDA) against fp32 on the CPU: every
+    label's score, since a random tagger's scores lie too close together to compare orders."""
+    import shutil
+
+    from gama_ds.data.shards import iter_samples, read_index, verify
+
+    tagger = write_tiny_tagger(os.path.join(setup.work, "tagger"))
+    scores = {}
+    for where, flags in (("device", [] if setup.cuda else ["--device", "cpu"]), ("cpu", ["--device", "cpu"])):
+        root = os.path.join(setup.work, f"tagged-{where}")
+        shutil.copytree(os.path.join(setup.shards, "train"), root, dirs_exist_ok=True)
+        done = subprocess.run(
+            [sys.executable, "-m", "gama_ds", "tag", root, "--tagger", tagger, "--no-progress",
+             "--top-k", str(len(TAGGER_LABELS)), "--threshold", "0", *flags],
+            capture_output=True, text=True, timeout=600, env=trainer_env(setup),
+        )  # fmt: skip
+        if done.returncode != 0:
+            return "FAIL", f"gama-ds tag exited {done.returncode}: {done.stderr.strip()[-300:]}"
+        problems, _ = verify(root)
+        if problems:
+            return "FAIL", f"verify after tagging: {problems[0]}"
+        index = read_index(root)
+        scores[where] = {
+            (s.key, label): score
+            for e in index["shards"]
+            for s in iter_samples(os.path.join(root, e["file"]))
+            for label, score in s.meta["tags"]
+        }
+        if where == "device":
+            ran = index["provenance"]["tagger"]["device"], index["provenance"]["tagger"]["dtype"]
+    if scores["device"].keys() != scores["cpu"].keys():
+        return "FAIL", "the device's tagging holds other clips or labels than the CPU's"
+    worst = max(abs(scores["device"][k] - scores["cpu"][k]) for k in scores["cpu"])
+    ok = worst <= (2e-2 if setup.cuda else 1e-6)  # bf16 logits: ~1e-2, times sigmoid's slope <= 1/4
+    figures = f"{len(scores['cpu'])} scores on {ran[0]} {ran[1]}, max diff from fp32 CPU {worst:.1e}"
+    return ("PASS" if ok else "FAIL"), figures
+
+
 # In this order: no-build looks at what the trainer runs left, export and mfu use the ZeRO-2 run.
 CHECKS = {
     "attention": check_attention,
@@ -375,7 +450,9 @@ CHECKS = {
     "term": signal_check(signal.SIGTERM),
     "no-build": check_no_build,
     "export": check_export,
+    "suite": check_suite,
     "mfu": check_mfu,
+    "tags": check_tags,
 }
 
 

@@ -73,6 +73,66 @@ def _add_convert(sub) -> None:
     )
     p.add_argument("--overwrite", action="store_true", help="delete a previous conversion in --out first")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_tagging(p, required=False)  # --tagger DIR: tag the clips too, as `gama-ds tag` does
+
+
+def _add_tagging(p, required: bool) -> None:
+    """The tagger flags of `gama-ds convert` and `gama-ds tag`; the numbers are checked by
+    TagOptions.check, before the tagger loads."""
+    from .tags.checks import ACTIVATIONS, DEFAULT_BATCH, DEFAULT_THRESHOLD, DEFAULT_TOP_K
+
+    p.add_argument(
+        "--tagger",
+        required=required,
+        help="an audio-classification model folder with an AST feature extractor (tags each clip)",
+    )
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=DEFAULT_TOP_K,
+        help=f"at most this many tags per clip (default {DEFAULT_TOP_K})",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=DEFAULT_THRESHOLD,
+        help=f"keep tags scoring at least this (default {DEFAULT_THRESHOLD})",
+    )
+    p.add_argument(
+        "--batch-size" if required else "--tag-batch-size",
+        dest="tag_batch_size",
+        type=int,
+        default=DEFAULT_BATCH,
+        help=f"clips per tagger batch (default {DEFAULT_BATCH})",
+    )
+    p.add_argument(
+        "--activation",
+        choices=ACTIVATIONS,
+        default="auto",
+        help="scores from logits (auto: the config's problem_type; sigmoid when it has none)",
+    )
+    p.add_argument(
+        "--device", help="where the tagger runs: cpu, cuda or cuda:N (default: the GPU when there is one)"
+    )
+    p.add_argument(
+        "--dtype", help="the tagger's bf16, fp16 or fp32 (default: bf16 on GPUs that have it, else fp32)"
+    )
+
+
+def _tag_options(args):
+    from .tags.options import TagOptions
+
+    if args.tagger is None:
+        return None
+    return TagOptions(
+        tagger=args.tagger,
+        top_k=args.top_k,
+        threshold=args.threshold,
+        batch_size=args.tag_batch_size,
+        activation=args.activation,
+        device=args.device,
+        dtype=args.dtype,
+    )
 
 
 def _convert(args) -> int:
@@ -94,6 +154,7 @@ def _convert(args) -> int:
         workers=args.workers,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        tagging=_tag_options(args),
     )
     print(summary(result), file=sys.stderr)
     return 1 if result.failed else 0
@@ -120,6 +181,22 @@ def _verify(args) -> int:
     else:
         print(f"{args.dir}: OK, {seen['shards']} shard(s), {seen['samples']} samples", file=sys.stderr)
     return 1 if problems else 0
+
+
+def _add_tag(sub) -> None:
+    p = sub.add_parser("tag", help="add (or replace) audio event tags in a converted shard set")
+    p.add_argument("dir", help="a gama-ds convert output directory")
+    p.add_argument("--workers", type=_positive_int, help="CPU threads of the tagger (default: all cores)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_tagging(p, required=True)
+
+
+def _tag(args) -> int:
+    from .data.pool import default_workers
+    from .tags.tag_set import tag_set
+
+    tag_set(args.dir, _tag_options(args), args.workers or default_workers(), progress=not args.no_progress)
+    return 0
 
 
 def _add_show(sub) -> None:
@@ -149,6 +226,9 @@ def _show(args) -> int:
             )
             for qa in m["qa"]:
                 print(f"    Q: {qa['instruction']}  A: {qa['output']}")
+            if "tags" in m:
+                shown_tags = ", ".join(f"{label} {score:.2f}" for label, score in m["tags"])
+                print(f"    tags: {shown_tags or '(none passed the tagging)'}")
             shown += 1
     return 0
 
@@ -396,14 +476,23 @@ def _import(args) -> int:
 def _add_eval(sub) -> None:
     from .infer import METRICS
 
-    p = sub.add_parser("eval", help="held-out loss, exact match and classification accuracy of an export")
+    p = sub.add_parser(
+        "eval",
+        help="an export on held-out shards (loss, exact match, accuracy) or on an evaluation suite "
+        "(the paper's protocol, data-parallel over ranks)",
+    )
     p.add_argument("--model", required=True, help="a gama-ds export folder")
-    p.add_argument("--shards", required=True, nargs="+", help="shard directories written by gama-ds convert")
+    p.add_argument("--shards", nargs="+", help="shard directories written by gama-ds convert")
+    p.add_argument(
+        "--suite",
+        help="an evaluation suite (YAML: eval files, labels, rules; docs/EVAL.md): fixed prompts, LTU-format "
+        "rows per set, scores in a Table-1 shaped report; launch with torchrun to use every GPU",
+    )
+    p.add_argument("--out", help="with --suite: the folder for the result rows, part files and report.json")
     p.add_argument(
         "--metric",
         nargs="+",
         choices=METRICS,
-        default=["loss", "exact"],
         help="loss (and perplexity), exact (exact match), classify (accuracy against a label set); "
         "default: loss exact",
     )
@@ -423,10 +512,17 @@ def _add_eval(sub) -> None:
 
 
 def _eval(args) -> int:
+    if args.suite:
+        return _eval_suite(args)
     from .exported import soft_prompt_settings
     from .infer import TextEmbedder, evaluate
     from .report import report_table
 
+    if not args.shards:
+        raise UsageError("gama-ds eval needs --shards (held-out shard sets) or --suite (an evaluation suite)")
+    if args.out:
+        raise UsageError("--out belongs to --suite")
+    args.metric = args.metric or ["loss", "exact"]
     if (args.embedder or args.labels) and "classify" not in args.metric:
         raise UsageError("--embedder and --labels belong to --metric classify")
     placement = _placement(args)
@@ -464,6 +560,41 @@ def _eval(args) -> int:
     else:
         print(report_table(result))
     return 0
+
+
+def _eval_suite(args) -> int:
+    from .evaluate.suite import read_suite
+    from .evaluate.suite_run import run_suite
+    from .evaluate.table import format_table
+    from .exported import is_export
+
+    given = [flag for flag, value in (("--shards", args.shards), ("--metric", args.metric),
+             ("--embedder", args.embedder), ("--labels", args.labels)) if value]  # fmt: skip
+    if given:
+        raise UsageError(
+            f"{given[0]} belongs to held-out shards, not --suite (the suite file names its sets)"
+        )
+    for flag, value in (("--max-new-tokens", 32), ("--batch-size", 8)):
+        if getattr(args, flag[2:].replace("-", "_")) != value:
+            raise UsageError(
+                f"{flag}: with --suite, set it in the suite (generation.max_new_tokens, batch_size)"
+            )
+    if not args.out:
+        raise UsageError("--suite needs --out DIR for the result rows and the report")
+    suite = read_suite(args.suite)
+    _placement(args)  # checked before any process group or model
+    if not is_export(args.model):
+        raise UsageError(
+            f"--model {args.model} is not a gama-ds export (made by `gama-ds export RUN --out DIR`)"
+        )
+    report = run_suite(suite, args.model, args.out, args.device, args.dtype, args.llm, log=_log)
+    if report is not None:
+        print(json.dumps(report) if args.json else format_table(report))
+    return 0
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def _add_score(sub) -> None:
@@ -639,6 +770,7 @@ COMMANDS = {
     "demo": (_add_demo, _demo),
     "convert": (_add_convert, _convert),
     "verify": (_add_verify, _verify),
+    "tag": (_add_tag, _tag),
     "show": (_add_show, _show),
     "estimate": (_add_estimate, _estimate),
     "train": (_add_train, _train),

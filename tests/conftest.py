@@ -176,12 +176,10 @@ TAGGER_LABELS = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="session")
-def tiny_tagger(tmp_path_factory) -> str:
+def write_tiny_tagger(folder: str) -> str:
     import torch
     from transformers import ASTConfig, ASTFeatureExtractor, ASTForAudioClassification
 
-    folder = str(tmp_path_factory.mktemp("tiny_tagger"))
     torch.manual_seed(0)
     config = ASTConfig(
         hidden_size=32,
@@ -199,6 +197,11 @@ def tiny_tagger(tmp_path_factory) -> str:
     ASTForAudioClassification(config).save_pretrained(folder)
     ASTFeatureExtractor().save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_tagger(tmp_path_factory) -> str:
+    return write_tiny_tagger(str(tmp_path_factory.mktemp("tiny_tagger")))
 
 
 # The cluster of the launch tests (tests/cluster.py), shared by every test that asks for it: idle,

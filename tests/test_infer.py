@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -368,3 +369,130 @@ def test_a_base_llm_outside_the_export_is_named_by_path_and_checked_by_fingerpri
     assert llm_source(load_recipe("tiny", [f"train.init={carried}"])) == str(carried / "llm")
     with pytest.raises(WeightsError, match=f"its base LLM {users_llm} is not there"):
         llm_source(load_recipe("tiny", [f"train.init={out}"]))
+
+
+def _suite(tmp_path, exported, bert_embedder, **extra) -> str:
+    """A suite over the held-out set: every question by text (our ClothoAQA rule) and the "kind"
+    question as a single-label set scored by the embedder against a label CSV."""
+    labels = tmp_path / "kind_labels.csv"
+    labels.write_text("index,mid,display_name\n0,/m/tone,'tone'\n1,/m/noise,'noise'\n")
+    suite = {
+        "embedder": bert_embedder.model.name_or_path,
+        "batch_size": 3,
+        "num_workers": 0,
+        "generation": {"do_sample": False, "max_new_tokens": 4},
+        "datasets": [
+            {"dataset": "clothoaqa", "name": "all", "eval": exported["data"]["test"]},
+            {"dataset": "plain", "name": "kind", "eval": exported["data"]["test"], "task": "kind",
+             "labels": str(labels)},
+        ],
+        **extra,
+    }  # fmt: skip
+    path = tmp_path / "suite.yaml"
+    path.write_text(json.dumps(suite))  # JSON is YAML
+    return str(path)
+
+
+def test_an_eval_suite_runs_data_parallel_keeps_its_answers_and_resumes_on_another_rank_count(
+    exported, bert_embedder, tmp_path
+):
+    suite, out = _suite(tmp_path, exported, bert_embedder), tmp_path / "out"
+    command = ["-m", "gama_ds", "eval", "--model", exported["export"], "--suite", suite, "--out", str(out),
+               "--json"]  # fmt: skip
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *command],
+        env=train_env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    report = json.loads(two.stdout.strip().splitlines()[-1])  # rank 0 alone prints it
+    assert report["world_size"] == 2 and report["generation"]["do_sample"] is False
+    held_out = json.load(open(exported["data"]["test"]))
+    questions = [(r["audio_id"], qa) for r in held_out for qa in r["instruction_output"]]
+    assert [s["name"] for s in report["sets"]] == ["all", "kind"]
+    assert [s["rows"] for s in report["sets"]] == [len(questions), len(held_out)]
+    # LTU-format rows in the eval file's order, each rank having answered its slice ...
+    rows = json.load(open(out / "all.json"))
+    assert [(r["audio_id"], r["prompt"], r["ref"]) for r in rows] == [
+        (a, qa["instruction"], qa["output"]) for a, qa in questions
+    ]
+    parts = sorted((out / "parts").iterdir())
+    assert len(parts) == 2 and {p.name for p in parts[0].iterdir()} == {"rank00000.jsonl", "rank00001.jsonl"}
+    # ... with the answers one process gives for the same batches: rank r answers rows r, r + 2, ...
+    # in batches of 3 (greedy answers hang on the batch only through floating-point noise, which
+    # flips near-ties of this barely trained model).
+    model, tokenizer, _ = load_export(exported["export"])
+    root = os.path.dirname(exported["data"]["test"])
+    alone = [None] * len(questions)
+    for rank in (0, 1):
+        mine = list(range(rank, len(questions), 2))
+        clips = [os.path.join(root, questions[i][0]) for i in mine]
+        qas = [{**questions[i][1], "input": ""} for i in mine]
+        for i, answer in zip(mine, generate(model, tokenizer, clips, qas, batch_size=3, max_new_tokens=4,
+                                            do_sample=False), strict=True):  # fmt: skip
+            alone[i] = answer
+    assert [r["pred"] for r in rows] == alone
+    # Scored by gama-ds score's rules: the text rule for "all", the embedder over the label CSV for "kind".
+    # (the answer's words, punctuation aside, begin with the reference's: "tone." and "tone, high" for "tone")
+    words = [re.sub(r"[^\w\s]", " ", p.lower()).split() for p in alone]
+    hits = sum(
+        w[: len(qa["output"].split())] == qa["output"].split()
+        for w, (_, qa) in zip(words, questions, strict=True)
+    )
+    assert report["sets"][0]["score"]["value"] == pytest.approx(hits / len(questions))
+    kind = report["sets"][1]["score"]
+    assert (
+        kind["metric"] == "acc"
+        and kind["classes"] == 2
+        and kind["embedder"]["path"] == bert_embedder.model.name_or_path
+    )
+    assert report["table"]["cls_avg"] == pytest.approx(100 * kind["value"])
+    # A run that lost one rank's part file generates exactly those answers again, on one process.
+    lost = parts[0] / "rank00001.jsonl"
+    n_lost = len(lost.read_text().splitlines())
+    lost.unlink()
+    one = subprocess.run(
+        [sys.executable, *command], env=train_env(), capture_output=True, text=True, timeout=600
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    again = json.loads(one.stdout.strip().splitlines()[-1])
+    assert again["world_size"] == 1 and again["sets"][0]["generated"] == n_lost
+    assert again["sets"][1]["generated"] == 0 and again["sets"][1]["kept"] == len(held_out)
+    assert json.load(open(out / "all.json")) == rows
+    assert (
+        "Cls avg"
+        in subprocess.run(
+            [sys.executable, *command[:-1]], env=train_env(), capture_output=True, text=True, timeout=600
+        ).stdout
+    )  # the table, every answer kept
+
+
+def test_an_eval_suite_names_what_is_wrong_before_answering(exported, bert_embedder, tmp_path):
+    from gama_ds.errors import UsageError
+    from gama_ds.evaluate.suite import read_suite
+    from gama_ds.evaluate.suite_run import run_suite
+
+    good = json.loads(open(_suite(tmp_path, exported, bert_embedder)).read())
+    cases = [
+        ({"batch_size": 0}, "batch_size: a whole number >= 1"),
+        ({"datasets": [{**good["datasets"][1], "labels": None}]}, "datasets[0].labels: any single-label set"),
+        ({"datasets": [{**good["datasets"][0], "dataset": "esc-50"}]}, "datasets[0].dataset 'esc-50'"),
+        ({"datasets": [good["datasets"][0]] * 2}, "datasets[1]: name 'all' is used twice"),
+        ({"datasets": [{**good["datasets"][0], "metric": "map"}]}, "datasets[0].metric 'map'"),
+        ({"embedder": None}, "embedder: a text-encoder folder is needed to score kind"),
+        ({"generations": {}}, "generations: not a suite key"),
+    ]
+    for change, message in cases:
+        path = tmp_path / "bad.yaml"
+        path.write_text(json.dumps({**good, **change}))
+        with pytest.raises(UsageError, match=re.escape(f"{path}: {message}")):
+            read_suite(str(path))
+    # An audio file that is not where the eval file says: named with its row, nothing generated.
+    moved = [{"audio_id": "gone/clip.wav", "output": "tone", "instruction": "Is this a tone or noise?"}]
+    (tmp_path / "moved.json").write_text(json.dumps(moved))
+    path = tmp_path / "moved.yaml"
+    path.write_text(json.dumps({"datasets": [{"dataset": "clothoaqa", "eval": "moved.json"}]}))
+    with pytest.raises(
+        UsageError, match=re.escape(f"moved.json[0]: audio 'gone/clip.wav' -> {tmp_path}/gone")
+    ):
+        run_suite(read_suite(str(path)), exported["export"], str(tmp_path / "o"), "cpu")
+    assert not (tmp_path / "o" / "clothoaqa.json").exists()

@@ -25,11 +25,12 @@ def test_warm_up_teaches_the_encoder_pitch_and_leaves_the_stage_setting(tmp_path
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        accuracy = warm_up(model, roots["train"], roots["test"], steps=300, batch_size=16, log=lambda m: None)
+        accuracy = warm_up(model, roots["train"], roots["test"], steps=200, batch_size=16, log=lambda m: None)
     finally:
         torch.set_num_threads(threads)
     assert set(accuracy) == {"count", "pitch", "kind", "loudness"}
-    # High or low is two mel regions apart: a warmed-up encoder tells them apart (94% here), a
+    # High or low is two mel regions apart: a warmed-up encoder tells them apart (91% after these
+    # 200 steps, 94% after 300, 78% after 100, measured on one thread), a
     # random one through the demo's frequency pooling does not: with the encoder left frozen,
     # the heads alone stayed near 55% even after 900 steps on the full set (docs/DEMO.md).
     assert accuracy["pitch"] >= 0.8, accuracy

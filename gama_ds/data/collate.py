@@ -31,6 +31,8 @@ class Example:
     fbank: np.ndarray | None  # float16 [n_frames, 128], unpadded
     qa: dict
     tokens: tuple[list[int], list[int]] | None = None  # (input_ids, labels), once tokenised
+    # The clip's audio event tags, [[label, score], ...] score-descending ([]: none passed the
+    # tagging's top_k and threshold); None: its shard set is not tagged (data/tag_sidecar.py).
     tags: list | None = None
 
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from .. import __version__, audio
 from ..errors import GamaDsError
+from . import tag_sidecar
 from .formats import Clip, Reject, group_by_clip, read_inputs
 from .pool import default_workers, ordered_map
 from .shards import (
@@ -156,11 +157,8 @@ def _library_versions(backend: str) -> dict:
 def _our_files(out: str) -> list[str]:
     names = os.listdir(out) if os.path.isdir(out) else []
     ours = {INDEX, REJECTS, PROGRESS}
-    return [
-        n
-        for n in names
-        if n in ours or any(p.match(n.removesuffix(".tmp")) for p in (SHARD_PATTERN, SAMPLE_INDEX_PATTERN))
-    ]
+    patterns = (SHARD_PATTERN, SAMPLE_INDEX_PATTERN, tag_sidecar.PATTERN)
+    return [n for n in names if n in ours or any(p.match(n.removesuffix(".tmp")) for p in patterns)]
 
 
 def _files_of(entry: dict) -> list[str]:
@@ -218,13 +216,17 @@ def convert(
     overwrite: bool = False,
     progress: bool = True,
     log=lambda msg: print(msg, file=sys.stderr),
+    tagging=None,
 ) -> ConvertResult:
+    """`tagging` (a tags.options.TagOptions): tag the clips once their shards are written, as
+    `gama-ds tag` does; the tagger is loaded, and so checked, before any clip is converted."""
     options = options or ConvertOptions()
     options.check()
     workers = default_workers() if workers is None else workers
     if workers < 1:
         raise ConvertError(f"--workers must be at least 1, got {workers}")
     backend = audio.resolve_backend(options.backend)
+    tagger = tagging.load() if tagging is not None else None
     started = time.perf_counter()
 
     records, record_rejects = read_inputs(inputs, options.audio_root)
@@ -251,6 +253,10 @@ def convert(
     done = _finished_index(out, plan, options, started, total_qa)
     if done is not None:
         log(f"{out}: already converted by this command; `gama-ds verify {out}` rechecks it")
+        if tagger is not None and not tagging.matches(done.index["provenance"].get("tagger"), tagger):
+            from ..tags.tag_set import tag_set
+
+            done.index = tag_set(out, tagging, workers, progress, log, tagger)
         return done
     progress_state = _read_progress(out, plan)
     if progress_state is None and _our_files(out):
@@ -316,6 +322,12 @@ def convert(
     sink.finish(next_clip=len(clips))
     clip_rejects.extend(pending)
     progress_file.close()
+    tagger_provenance = None
+    if tagger is not None:  # the tag files come before the index that names them
+        from ..tags.tag_set import provenance, tag_entries
+
+        shards = tag_entries(out, shards, tagger, tagging, 1, workers, progress)
+        tagger_provenance = provenance(tagger, tagging, 1)
 
     rejects = [r.to_json() for r in record_rejects] + clip_rejects
     index = {
@@ -343,6 +355,8 @@ def convert(
             "options": recorded,
         },
     }
+    if tagger_provenance is not None:
+        index["provenance"]["tagger"] = tagger_provenance
     _write_atomic(
         os.path.join(out, REJECTS), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects)
     )
@@ -428,6 +442,12 @@ def summary(result: ConvertResult) -> str:
         f"rejected: {t['rejected_qa_pairs']} QA pairs ({100 * result.rejected_fraction:.2f}%)"
         + "".join(f"\n  {reason}: {n}" for reason, n in sorted(by_reason.items())),
     ]
+    tagger = result.index["provenance"].get("tagger")
+    if tagger:
+        lines.append(
+            f"tagged by {tagger['path']}: at most {tagger['top_k']} tags per clip scoring at least "
+            f"{tagger['threshold']} ({tagger['activation']})"
+        )
     if result.failed:
         lines.append(
             f"FAILED: {100 * result.rejected_fraction:.2f}% rejected exceeds --max-reject-fraction "

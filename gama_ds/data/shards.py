@@ -22,6 +22,7 @@ from webdataset.tariterators import base_plus_ext
 
 from ..audio import NUM_MEL_BINS, TARGET_FRAMES
 from ..errors import GamaDsError
+from . import tag_sidecar
 from .pool import ordered_map
 
 INDEX = "index.json"
@@ -37,8 +38,9 @@ QA_FIELDS = ("instruction", "input", "output", "dataset", "task")
 # One index entry, in order; qa_per_sample lets the stream plan exact example counts.
 SHARD_FIELDS = ("file", "samples", "qa_pairs", "bytes", "sha256", "qa_per_sample")
 # Written since per-sample indexes exist ({file, sha256} of the shard's data/sample_index.py
-# file); absent in older shard sets, which stay readable.
-OPTIONAL_FIELDS = ("sample_index",)
+# file); absent in older shard sets, which stay readable. `tags`: {file, sha256} of the shard's
+# data/tag_sidecar.py file, once the set is tagged.
+OPTIONAL_FIELDS = ("sample_index", "tags")
 
 
 class ShardError(GamaDsError, ValueError):
@@ -199,13 +201,45 @@ def iter_members(path: str):
 
 
 def iter_samples(path: str):
+    """The shard's samples, checked, with their tags in meta["tags"] when the index beside the
+    shard names tags for it."""
     name = os.path.basename(path)
-    for key, members in iter_members(path):
-        yield decode_sample(key, members, name)
+    samples = (decode_sample(key, members, name) for key, members in iter_members(path))
+    try:
+        yield from tag_sidecar.merge(samples, _tags_beside(path), name)
+    except tag_sidecar.TagsError as err:
+        raise ShardError(str(err)) from None
 
 
-def verify_shard(root: str, entry: dict) -> tuple[list[str], list[str]]:
-    """Check one shard against its index entry. Returns (problems, keys seen)."""
+def load_tags(root: str, entry: dict) -> tuple[list[str], list[list]] | None:
+    """(keys, tags) of a shard entry's tag file, checked against the index; None if untagged."""
+    try:
+        return tag_sidecar.load(root, entry)
+    except tag_sidecar.TagsError as err:
+        raise ShardError(str(err)) from None
+
+
+def _tags_beside(path: str) -> tuple[list[str], list[list]] | None:
+    root, name = os.path.split(path)
+    where = os.path.join(root or ".", INDEX)
+    try:
+        st = os.stat(where)
+    except OSError:
+        return None  # a shard on its own: nothing to merge
+    entry = _index_entries(where, st.st_ino, st.st_mtime_ns, st.st_size).get(name)
+    return None if entry is None else load_tags(root or ".", entry)
+
+
+@lru_cache(maxsize=8)
+def _index_entries(path: str, _ino: int, _mtime: int, _size: int) -> dict[str, dict]:
+    """The index's shard entries by file name; the stat values key the cache, so a rewritten
+    index (a new tagging) is read again."""
+    return {e["file"]: e for e in read_index(os.path.dirname(path))["shards"]}
+
+
+def verify_shard(root: str, entry: dict, tagging: dict | None = None) -> tuple[list[str], list[str]]:
+    """Check one shard against its index entry (and its tags against the index's `tagging`
+    provenance). Returns (problems, keys seen)."""
     name = entry["file"]
     path = os.path.join(root, name)
     if not os.path.isfile(path):
@@ -239,6 +273,8 @@ def verify_shard(root: str, entry: dict) -> tuple[list[str], list[str]]:
     elif per_sample != entry["qa_per_sample"]:
         problems.append(f"{name}: QA pairs per sample differ from the index's qa_per_sample")
     problems.extend(_verify_sample_index(root, entry))
+    tagging = tagging or {}
+    problems.extend(tag_sidecar.problems(root, entry, keys, tagging.get("top_k"), tagging.get("threshold")))
     return problems, keys
 
 
@@ -299,7 +335,12 @@ def verify(root: str, workers: int = 1, progress: bool = False) -> tuple[list[st
 
     seen: dict[str, str] = {}
     samples = 0
-    jobs = [(root, e) for e in entries]
+    tagging = index.get("provenance", {}).get("tagger")
+    if tagging is not None and any("tags" not in e for e in entries):
+        problems.append(f"{INDEX}: the set is tagged but some shards have no tags")
+    if tagging is None and any("tags" in e for e in entries):
+        problems.append(f"{INDEX}: shards name tags but the provenance has no tagger")
+    jobs = [(root, e, tagging) for e in entries]
     with ordered_map(_verify_entry, jobs, min(workers, len(jobs)), window=len(jobs)) as results:
         bar = tqdm(results, total=len(jobs), unit="shard", desc="verify", disable=not progress)
         for entry, (shard_problems, keys) in zip(entries, bar, strict=True):
@@ -313,5 +354,5 @@ def verify(root: str, workers: int = 1, progress: bool = False) -> tuple[list[st
     return problems, {"shards": len(entries), "samples": samples}
 
 
-def _verify_entry(args: tuple[str, dict]):
+def _verify_entry(args: tuple[str, dict, dict | None]):
     return verify_shard(*args)

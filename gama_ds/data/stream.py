@@ -39,7 +39,7 @@ from . import sample_index
 from .collate import IGNORE, Collator, Example
 from .plan import EpochPlan, PlanError, Ref, rng
 from .sample_index import SampleIndexError
-from .shards import ShardError, decode_sample, read_index
+from .shards import ShardError, decode_sample, load_tags, read_index
 
 log = logging.getLogger(__name__)
 BAD_SAMPLE_POLICIES = choices(DataConfig, "on_bad_sample")
@@ -162,6 +162,7 @@ class Reader:
         self.indexes: OrderedDict = OrderedDict()
         self.files: OrderedDict = OrderedDict()
         self.clips: OrderedDict = OrderedDict()
+        self.tag_lists: OrderedDict = OrderedDict()
         self.keep_clips = keep_clips
         self.broken: dict[tuple[int, int], ShardError] = {}
         self.bad = 0
@@ -192,6 +193,24 @@ class Reader:
                 self.indexes.popitem(last=False)
         self.indexes.move_to_end(key)
         return self.indexes[key]
+
+    def tags(self, si: int, shard: int, sample: int, key: str) -> list | None:
+        """The clip's tags from its shard's tag file (None: the set is not tagged)."""
+        at = (si, shard)
+        if at not in self.tag_lists:
+            self.tag_lists[at] = load_tags(self.sets[si].root, self.sets[si].shards[shard])
+            if len(self.tag_lists) > 4 * self.cfg.lanes * len(self.sets):
+                self.tag_lists.popitem(last=False)
+        self.tag_lists.move_to_end(at)
+        tagged = self.tag_lists[at]
+        if tagged is None:
+            return None
+        keys, tags = tagged
+        if keys[sample] != key:
+            raise ShardError(
+                f"{self._where(si, shard)}: sample {key!r} (#{sample}) is not its tags' #{sample}"
+            )
+        return tags[sample]
 
     def qa_bytes(self, ref: Ref) -> int:
         """The ref's QA text length in bytes, from the sample index (bucketing); 0 if unknown."""
@@ -253,6 +272,7 @@ class Reader:
     def example(self, ref: Ref) -> Example | None:
         try:
             clip = self._clip(ref.set, ref.shard, ref.sample)
+            tags = self.tags(ref.set, ref.shard, ref.sample, clip.key)
         except ShardError as err:
             if self.cfg.on_bad_sample == "fail":
                 raise
@@ -261,7 +281,7 @@ class Reader:
             return None
         qa = clip.meta["qa"]
         j = self._picks(ref, len(qa))[ref.k]
-        return Example(f"{self._where(ref.set, ref.shard)}/{clip.key}#{j}", clip.fbank, qa[j])
+        return Example(f"{self._where(ref.set, ref.shard)}/{clip.key}#{j}", clip.fbank, qa[j], tags=tags)
 
     def close(self) -> None:
         for fd in self.files.values():
