@@ -66,6 +66,11 @@ def generate(
     """One answer per (clip, qa). A clip is a path, encoded bytes, an unpadded fbank array,
     or None for a text-only question. With a soft prompt (an export's model.soft_prompt), `tags`
     holds each clip's tags (data/soft_prompt.py), as training put them in the prompt."""
+    if getattr(model, "soft_prompt", None) is not None and soft_prompt is None:
+        # Without the sentence its prompts were trained with, such a model answers another task.
+        raise UsageError(
+            "the model has a soft prompt: give its settings (the export's model.soft_prompt) and tags"
+        )
     settings = dict(REFERENCE_SAMPLING) if not generate_kwargs else {}
     settings.update(generate_kwargs, max_new_tokens=max_new_tokens)
     ensure_pad_token(tokenizer)  # a Llama tokenizer has none; padding is masked

@@ -41,6 +41,11 @@ def run_suite(
         device = _rank_device(device, ranks.local_rank)
         dtype = choose_dtype(dtype, device)
         model, tokenizer, info = load_export(model_path, device, dtype, llm)
+        if model.soft_prompt is not None:
+            raise UsageError(
+                f"{model_path} has a soft prompt, whose prompts need each clip's tags: eval --suite does not "
+                "run its tagger yet; use gama-ds generate --input or gama-ds eval on tagged shards"
+            )
         settings = generation_settings(info, suite)
         template = info["prompt"]["template"]
         base_stamp = {
