@@ -62,14 +62,14 @@ def free_port() -> int:
 def shards(tmp_path_factory, tiny_tagger):
     tmp = tmp_path_factory.mktemp("resume_world")
     synth_shards(tmp, clips=16, test_clips=4, seed=0)
-    tagging = []  # tags for the soft prompt, as a user adds them; both sets at once
+    # Tags for the soft prompt, as `gama-ds tag` adds them (in-process: one tagger for both sets).
+    from gama_ds.tags.options import TagOptions
+    from gama_ds.tags.tag_set import tag_set
+
+    options = TagOptions(tagger=tiny_tagger, device="cpu", dtype="fp32")
+    tagger = options.load()
     for name in ("train", "test"):
-        cmd = [sys.executable, "-m", "gama_ds", "tag", str(tmp / name), "--tagger", tiny_tagger]
-        cmd.append("--no-progress")
-        tagging.append(subprocess.Popen(cmd, env=train_env(), stderr=subprocess.PIPE, text=True))
-    for proc in tagging:
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err[-3000:]
+        tag_set(str(tmp / name), options, threads=1, progress=False, log=lambda m: None, tagger=tagger)
     return tmp  # 4 training shards x 4 clips
 
 
@@ -227,7 +227,7 @@ def test_an_export_with_a_soft_prompt_answers_as_the_run_did(requeued, shards, t
     try:
         soft, tagger = export_equals_run(out, shards, tmp_path / "export")
         wav = str(sorted((shards / "audio").rglob("*.wav"))[0])
-        row = generate_on_audio(tmp_path / "export", wav, soft, tagger)
+        row = generate_on_audio(tmp_path / "export", wav, soft, tagger, tmp_path / "answers.jsonl")
         # gama-ds serve answers a stock openai client the same, and says which tags it used.
         reply = ask_server(server, port, wav, row["instruction"], tmp_path / "server.log")
         assert reply.choices[0].message.content == row["answer"] and reply.model_extra["tags"] == row["tags"]
@@ -292,20 +292,19 @@ def export_equals_run(out, shards, folder):
     return soft, tagger
 
 
-def generate_on_audio(folder, wav: str, soft, tagger) -> dict:
-    """`gama-ds generate` on a raw audio file: the export's tagger runs on the clip's features,
-    the answer row shows its tags, and the answer is the one those tags give."""
+def generate_on_audio(folder, wav: str, soft, tagger, out) -> dict:
+    """`gama-ds generate` on a raw audio file (the command, in-process): the export's tagger runs
+    on the clip's features, the answer row shows its tags, and the answer is the one those tags give."""
     from gama_ds.audio import load_features
+    from gama_ds.cli import main
     from gama_ds.exported import load_export
     from gama_ds.infer import generate
     from gama_ds.tags import Tagger
 
     question = "What do you hear?"
-    cmd = [sys.executable, "-m", "gama_ds", "generate", "--model", str(folder), "--audio", wav]
-    cmd += ["--question", question, "--greedy", "--max-new-tokens", "6", "--device", "cpu", "--dtype", "fp32"]
-    done = subprocess.run(cmd, env=train_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    (row,) = [json.loads(line) for line in done.stdout.splitlines()]
+    args = ["generate", "--model", str(folder), "--audio", wav, "--question", question, "--out", str(out)]
+    assert main([*args, "--greedy", "--max-new-tokens", "6", "--device", "cpu", "--dtype", "fp32"]) == 0
+    (row,) = [json.loads(line) for line in open(out)]
     features = load_features(wav)[0]
     (tags,) = Tagger(tagger["path"]).tag([features], soft.top_k, soft.threshold)
     assert row["tags"] == [list(t) for t in tags] and len(tags) == soft.top_k
