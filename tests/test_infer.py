@@ -419,7 +419,10 @@ def test_an_eval_suite_runs_data_parallel_keeps_its_answers_and_resumes_on_anoth
     assert len(parts) == 2 and {p.name for p in parts[0].iterdir()} == {"rank00000.jsonl", "rank00001.jsonl"}
     # ... with the answers one process gives for the same batches: rank r answers rows r, r + 2, ...
     # in batches of 3 (greedy answers hang on the batch only through floating-point noise, which
-    # flips near-ties of this barely trained model).
+    # flips near-ties of this barely trained model), under the report's settings: the suite's
+    # greedy decoding over the export's others (LTU's repetition penalty).
+    settings = dict(report["generation"])
+    assert settings.pop("max_new_tokens") == 4 and settings["repetition_penalty"] == 1.1
     model, tokenizer, _ = load_export(exported["export"])
     root = os.path.dirname(exported["data"]["test"])
     alone = [None] * len(questions)
@@ -428,7 +431,7 @@ def test_an_eval_suite_runs_data_parallel_keeps_its_answers_and_resumes_on_anoth
         clips = [os.path.join(root, questions[i][0]) for i in mine]
         qas = [{**questions[i][1], "input": ""} for i in mine]
         for i, answer in zip(mine, generate(model, tokenizer, clips, qas, batch_size=3, max_new_tokens=4,
-                                            do_sample=False), strict=True):  # fmt: skip
+                                            **settings), strict=True):  # fmt: skip
             alone[i] = answer
     assert [r["pred"] for r in rows] == alone
     # Scored by gama-ds score's rules: the text rule for "all", the embedder over the label CSV for "kind".
