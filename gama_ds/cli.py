@@ -508,6 +508,10 @@ def _add_eval(sub) -> None:
     p.add_argument("--max-new-tokens", type=_positive_int, default=32)
     p.add_argument("--batch-size", type=_positive_int, default=8)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--tagger",
+        help="with --suite and a soft-prompt export: its tagger from this folder (a moved or copied one)",
+    )
     _add_placement(p)
 
 
@@ -520,8 +524,10 @@ def _eval(args) -> int:
 
     if not args.shards:
         raise UsageError("gama-ds eval needs --shards (held-out shard sets) or --suite (an evaluation suite)")
-    if args.out:
-        raise UsageError("--out belongs to --suite")
+    if args.out or args.tagger:
+        raise UsageError(
+            f"{'--out' if args.out else '--tagger'} belongs to --suite (held-out shards hold their tags)"
+        )
     args.metric = args.metric or ["loss", "exact"]
     if (args.embedder or args.labels) and "classify" not in args.metric:
         raise UsageError("--embedder and --labels belong to --metric classify")
@@ -587,7 +593,7 @@ def _eval_suite(args) -> int:
         raise UsageError(
             f"--model {args.model} is not a gama-ds export (made by `gama-ds export RUN --out DIR`)"
         )
-    report = run_suite(suite, args.model, args.out, args.device, args.dtype, args.llm, log=_log)
+    report = run_suite(suite, args.model, args.out, args.device, args.dtype, args.llm, args.tagger, log=_log)
     if report is not None:
         print(json.dumps(report) if args.json else format_table(report))
     return 0
@@ -720,6 +726,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--dtype", help="bf16, fp16 or fp32 (default: bf16 on GPUs that have it, else fp32)")
     p.add_argument("--llm", help="the export's base LLM from this folder (a moved or copied one)")
     p.add_argument(
+        "--tagger", help="with a soft prompt: the export's tagger from this folder (a moved or copied one)"
+    )
+    p.add_argument(
         "--max-batch", type=int, default=d.max_batch, help=f"requests per batch (default {d.max_batch})"
     )
     p.add_argument(
@@ -757,6 +766,7 @@ def _serve(args) -> int:
             device=args.device,
             dtype=args.dtype,
             llm=args.llm,
+            tagger=args.tagger,
             max_batch=args.max_batch,
             batch_wait_ms=args.batch_wait_ms,
             max_audio_s=args.max_audio_s,

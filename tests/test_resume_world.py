@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -215,8 +216,9 @@ def test_the_world_size_of_a_checkpoint_is_read_from_its_marker_or_its_files(tmp
 def test_an_export_with_a_soft_prompt_answers_as_the_run_did(requeued, shards, tmp_path):
     """The ZeRO-3 run (soft prompt partitioned, resumed twice): its export, loaded back, gives the
     logits and greedy answers of the model the run held at its last save, left-padded batches of
-    clips with their tags, and the soft prompt is part of what it computes; on a raw audio file,
-    `gama-ds generate` and `gama-ds serve` run the export's tagger and show the tags they used."""
+    clips with their tags, and the soft prompt is part of what it computes; on raw audio files,
+    `gama-ds generate`, `gama-ds serve` and `gama-ds eval --suite` run the export's tagger and
+    show the tags they used."""
     from gama_ds.train.export import export
 
     out, _ = requeued(3)
@@ -228,6 +230,7 @@ def test_an_export_with_a_soft_prompt_answers_as_the_run_did(requeued, shards, t
         soft, tagger = export_equals_run(out, shards, tmp_path / "export")
         wav = str(sorted((shards / "audio").rglob("*.wav"))[0])
         row = generate_on_audio(tmp_path / "export", wav, soft, tagger, tmp_path / "answers.jsonl")
+        suite_on_audio(tmp_path / "export", shards / "audio", row, soft, tagger, tmp_path / "suite")
         # gama-ds serve answers a stock openai client the same, and says which tags it used.
         reply = ask_server(server, port, wav, row["instruction"], tmp_path / "server.log")
         assert reply.choices[0].message.content == row["answer"] and reply.model_extra["tags"] == row["tags"]
@@ -322,6 +325,37 @@ def generate_on_audio(folder, wav: str, soft, tagger, out) -> dict:
     )
     assert row["answer"] == answer and row["instruction"] == question
     return row
+
+
+def suite_on_audio(folder, root, row: dict, soft, tagger, tmp_path) -> None:
+    """`gama-ds eval --suite` (in-process, one rank): each clip tagged by the export's tagger, the
+    tags kept with the answer in the result rows and across a rerun that reuses every answer."""
+    from gama_ds.audio import load_features
+    from gama_ds.evaluate.suite import read_suite
+    from gama_ds.evaluate.suite_run import run_suite
+    from gama_ds.tags import Tagger
+
+    wavs = sorted(root.rglob("*.wav"))[:2]
+    assert str(wavs[0]) == row["audio"]
+    tmp_path.mkdir()
+    question = row["instruction"]
+    rows = [{"audio_id": str(w.relative_to(root)), "instruction": question, "output": "x"} for w in wavs]
+    (tmp_path / "eval.json").write_text(json.dumps(rows))
+    # gama-ds generate --greedy's settings, one clip a batch: the same answer for the same clip
+    greedy = {"do_sample": False, "repetition_penalty": 1.0, "max_new_tokens": 6}
+    clotho = {"dataset": "clothoaqa", "eval": "eval.json", "audio_root": str(root)}
+    suite = {"batch_size": 1, "generation": greedy, "datasets": [clotho]}
+    (tmp_path / "suite.yaml").write_text(json.dumps(suite))
+    out, copy = tmp_path / "out", shutil.copytree(tagger["path"], tmp_path / "tagger")  # a moved tagger
+    suite = read_suite(str(tmp_path / "suite.yaml"))
+    report = run_suite(suite, str(folder), str(out), "cpu", "fp32", None, copy)
+    assert report["tagger"]["fingerprint"] == tagger["fingerprint"] and report["sets"][0]["generated"] == 2
+    results = json.load(open(out / "clothoaqa.json"))
+    assert (results[0]["pred"], results[0]["tags"]) == (row["answer"], row["tags"])
+    expected = Tagger(tagger["path"]).tag([load_features(str(wavs[1]))[0]], soft.top_k, soft.threshold)[0]
+    assert results[1]["tags"] == [list(t) for t in expected]
+    again = run_suite(suite, str(folder), str(out), "cpu", "fp32")
+    assert again["sets"][0]["kept"] == 2 and json.load(open(out / "clothoaqa.json")) == results
 
 
 def ask_server(server, port: int, wav: str, question: str, log):

@@ -7,6 +7,10 @@ hashes everything the answers depend on (export, precision, prompt, generation s
 file, audio paths, seed), so answers of another model or setting are never reused. Rank 0
 gathers the answers, writes LTU-format rows per set (`OUT/<set>.json`) and scores them with
 `gama-ds score`'s rules.
+
+An export with a soft prompt needs each clip's tags in its prompt: every rank runs the export's
+tagger (the one its training clips were tagged with, checked by fingerprint) on each batch's
+features, and the tags a prompt was given are kept beside its answer.
 """
 
 from __future__ import annotations
@@ -30,10 +34,18 @@ PROGRESS_S = 30.0
 
 
 def run_suite(
-    suite: Suite, model_path: str, out: str, device=None, dtype=None, llm=None, log=print
+    suite: Suite,
+    model_path: str,
+    out: str,
+    device=None,
+    dtype=None,
+    llm=None,
+    tagger: str | None = None,
+    log=print,
 ) -> dict | None:
-    """The report on rank 0 (also written to OUT/report.json); None on the other ranks."""
-    from ..exported import load_export
+    """The report on rank 0 (also written to OUT/report.json); None on the other ranks. `tagger`:
+    a copy of a soft-prompt export's tagger, for one moved from where the export names it."""
+    from ..exported import export_tagger, load_export, soft_prompt_settings
     from ..placement import choose_dtype
 
     ranks = Ranks(suite.timeout_s)
@@ -41,11 +53,13 @@ def run_suite(
         device = _rank_device(device, ranks.local_rank)
         dtype = choose_dtype(dtype, device)
         model, tokenizer, info = load_export(model_path, device, dtype, llm)
-        if model.soft_prompt is not None:
-            raise UsageError(
-                f"{model_path} has a soft prompt, whose prompts need each clip's tags: eval --suite does not "
-                "run its tagger yet; use gama-ds generate --input or gama-ds eval on tagged shards"
-            )
+        soft = soft_prompt_settings(info)
+        if soft is not None:
+            tagging = Tagging(soft, export_tagger(model_path, info, tagger, device))
+        elif tagger:
+            raise UsageError(f"--tagger: {model_path} has no soft prompt, so no use for a tagger")
+        else:
+            tagging = None
         settings = generation_settings(info, suite)
         template = info["prompt"]["template"]
         base_stamp = {
@@ -69,7 +83,7 @@ def run_suite(
             parts = os.path.join(out, "parts", f"{s.name}-{_set_stamp(s, base_stamp)}")
             started = time.monotonic()
             preds, counts = _answer_set(
-                s, rows, parts, ranks, model, tokenizer, template, settings, suite, log
+                s, rows, parts, ranks, model, tokenizer, template, settings, tagging, suite, log
             )
             if ranks.main:
                 counts["seconds"] = round(time.monotonic() - started, 3)  # every rank's share, gathered
@@ -77,7 +91,9 @@ def run_suite(
         if not ranks.main:
             return None
         del model
-        report = _report(suite, produced, model_path, info, device, dtype, ranks.world, settings, template)
+        report = _report(
+            suite, produced, model_path, info, device, dtype, ranks.world, settings, template, tagging
+        )
         with open(os.path.join(out, "report.json"), "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1)
         return report
@@ -109,9 +125,10 @@ def _rank_device(name, local_rank: int) -> torch.device:
 
 
 def _answer_set(
-    s: SuiteSet, rows, parts: str, ranks: Ranks, model, tokenizer, template, settings, suite, log
+    s: SuiteSet, rows, parts: str, ranks: Ranks, model, tokenizer, template, settings, tagging, suite, log
 ):
-    """{row index: answer} on rank 0 (None elsewhere), and how many were generated now / reused."""
+    """{row index: {"pred": answer[, "tags": its prompt's tags]}} on rank 0 (None elsewhere), and
+    how many were generated now / reused."""
     os.makedirs(parts, exist_ok=True)
     kept = _read_parts(parts, len(rows))
     held = ranks.all_gather(sorted(kept))
@@ -136,7 +153,7 @@ def _answer_set(
         log(f"[eval] {s.name}: {len(owner)} of {len(rows)} answers kept from an earlier run ({parts})")
     torch.manual_seed(suite.seed + ranks.rank)
     new, errors = _generate(
-        s, mine, parts, ranks, model, tokenizer, template, settings, suite, log, len(todo)
+        s, mine, parts, ranks, model, tokenizer, template, settings, tagging, suite, log, len(todo)
     )
     failed = [e for found in ranks.all_gather(errors) for e in found]
     if failed:
@@ -155,10 +172,23 @@ def _answer_set(
     return preds, {"generated": len(todo), "kept": len(owner)}
 
 
-def _generate(s, mine: list[EvalRow], parts, ranks, model, tokenizer, template, settings, suite, log, total):
-    from ..infer import generate
+class Tagging:
+    """A soft-prompt export's settings and its tagger."""
 
-    new: dict[int, str] = {}
+    def __init__(self, soft, tagger):
+        self.soft, self.tagger = soft, tagger
+
+    def described(self) -> dict:
+        """The tagger for the report, its label list left out (527 names for AudioSet)."""
+        return {k: v for k, v in self.tagger.describe().items() if k != "labels"}
+
+
+def _generate(
+    s, mine: list[EvalRow], parts, ranks, model, tokenizer, template, settings, tagging, suite, log, total
+):
+    from ..infer import generate, tag_clips
+
+    new: dict[int, dict] = {}
     errors: list[str] = []
     if not mine:
         return new, errors
@@ -180,19 +210,24 @@ def _generate(s, mine: list[EvalRow], parts, ranks, model, tokenizer, template, 
             if not good:
                 continue
             qas = [{"instruction": s.prompt or row.instruction, "input": ""} for row, _ in good]
+            clips, tags = [c for _, c in good], None
+            if tagging is not None:
+                clips, tags = tag_clips(tagging.tagger, clips, tagging.soft)
             answers = generate(
                 model,
                 tokenizer,
-                [c for _, c in good],
+                clips,
                 qas,
                 template,
                 len(good),
                 settings["max_new_tokens"],
+                tagging and tagging.soft,
+                tags,
                 **rest,
             )
-            for (row, _), answer in zip(good, answers, strict=True):
-                new[row.index] = answer
-                part.write(json.dumps({"index": row.index, "pred": answer}) + "\n")
+            for i, ((row, _), answer) in enumerate(zip(good, answers, strict=True)):
+                new[row.index] = {"pred": answer} if tags is None else {"pred": answer, "tags": tags[i]}
+                part.write(json.dumps({"index": row.index, **new[row.index]}, ensure_ascii=False) + "\n")
             part.flush()
             now = time.monotonic()
             if ranks.main and (now - last >= PROGRESS_S or len(new) + len(errors) == len(mine)):
@@ -225,10 +260,10 @@ class _Clips(torch.utils.data.Dataset):
             return row, None, str(err)
 
 
-def _read_parts(parts: str, n_rows: int) -> dict[int, str]:
-    """The answers earlier runs left in this set's part files (any rank count); a line cut off
-    by a crash is ignored."""
-    kept: dict[int, str] = {}
+def _read_parts(parts: str, n_rows: int) -> dict[int, dict]:
+    """The answers (with their tags, for a soft prompt) earlier runs left in this set's part
+    files (any rank count); a line cut off by a crash is ignored."""
+    kept: dict[int, dict] = {}
     for name in sorted(os.listdir(parts)):
         if not (name.startswith("rank") and name.endswith(".jsonl")):
             continue
@@ -240,19 +275,21 @@ def _read_parts(parts: str, n_rows: int) -> dict[int, str]:
                 except (json.JSONDecodeError, KeyError, TypeError):
                     continue
                 if isinstance(index, int) and 0 <= index < n_rows and isinstance(pred, str):
-                    kept[index] = pred
+                    kept[index] = {k: v for k, v in item.items() if k in ("pred", "tags")}
     return kept
 
 
-def _write_results(out: str, s: SuiteSet, rows: list[EvalRow], preds: dict[int, str]) -> str:
-    """LTU's inference_batch.py rows: {prompt, pred, ref, audio_id}, in eval-file order."""
+def _write_results(out: str, s: SuiteSet, rows: list[EvalRow], preds: dict[int, dict]) -> str:
+    """LTU's inference_batch.py rows: {prompt, pred, ref, audio_id}, in eval-file order; with a
+    soft prompt, the tags its prompt held too."""
     path = os.path.join(out, f"{s.name}.json")
     results = [
         {
             "prompt": s.prompt or row.instruction,
-            "pred": preds[row.index],
+            "pred": preds[row.index]["pred"],
             "ref": row.ref,
             "audio_id": row.audio_id,
+            **({"tags": preds[row.index]["tags"]} if "tags" in preds[row.index] else {}),
         }
         for row in rows
     ]
@@ -288,7 +325,9 @@ def _set_stamp(s: SuiteSet, base: dict) -> str:
     return hashlib.sha256(json.dumps(stamp, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _report(suite: Suite, produced, model_path, info, device, dtype, world, settings, template) -> dict:
+def _report(
+    suite: Suite, produced, model_path, info, device, dtype, world, settings, template, tagging
+) -> dict:
     from .embed import TextEmbedder
     from .score import score_results
 
@@ -331,6 +370,7 @@ def _report(suite: Suite, produced, model_path, info, device, dtype, world, sett
         "template": template,
         "generation": settings,
         "seed": suite.seed,
+        "tagger": None if tagging is None else tagging.described(),
         "embedder": embedder.describe() if embedder is not None else None,
         "sets": sets,
         "table": table_summary(sets),

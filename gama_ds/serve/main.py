@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 
+from ..errors import UsageError
 from .options import ServeOptions
 
 
@@ -24,12 +25,14 @@ def serve(options: ServeOptions) -> int:
     with open(info_path, encoding="utf-8") as f:
         # The export's sampling settings (`gama-ds import` writes the reference's), else the
         # reference's: checked, as the options are, before the model loads.
-        sampling = export_generation(json.load(f), info_path)
+        sampling = export_generation(recorded := json.load(f), info_path)
     max_new_tokens = sampling.pop("max_new_tokens")
+    if options.tagger and soft_prompt_settings(recorded) is None:
+        raise UsageError(f"--tagger: {options.model} has no soft prompt, so no use for a tagger")
     model, tokenizer, info = load_export(options.model, device, dtype, llm=options.llm)
     soft = soft_prompt_settings(info)
     # With a soft prompt, each clip's tags come from the tagger its training clips were tagged by.
-    tagger = export_tagger(options.model, info, device=device) if soft is not None else None
+    tagger = export_tagger(options.model, info, options.tagger, device) if soft is not None else None
     ensure_pad_token(tokenizer)  # a Llama tokenizer has none; padding is masked
     template = info["prompt"]["template"]
     batcher = Batcher(model, tokenizer, template, options.max_batch, options.batch_wait_ms, soft, tagger)

@@ -20,6 +20,7 @@ class ServeOptions:
     device: str | None = None  # None: gama_ds.placement's defaults (the GPU, bf16 where it has it)
     dtype: str | None = None
     llm: str | None = None  # the export's base LLM from this folder (a moved or copied one)
+    tagger: str | None = None  # a soft-prompt export's tagger from this folder (a moved or copied one)
     max_batch: int = 8
     batch_wait_ms: float = 20.0
     max_audio_s: float = 30.0
@@ -58,6 +59,8 @@ class ServeOptions:
             raise UsageError("--model-name is empty")
         if self.llm is not None and not os.path.isdir(self.llm):
             raise UsageError(f"--llm {self.llm} is not a folder (the export's base LLM, moved or copied)")
+        if self.tagger is not None and not os.path.isdir(self.tagger):
+            raise UsageError(f"--tagger {self.tagger} is not a folder (the export's tagger, moved or copied)")
         device = choose_device(self.device)
         return device, choose_dtype(self.dtype, device)
 
