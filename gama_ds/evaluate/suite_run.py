@@ -221,7 +221,7 @@ def _generate(
                 template,
                 len(good),
                 settings["max_new_tokens"],
-                tagging and tagging.soft,
+                None if tagging is None else tagging.soft,
                 tags,
                 **rest,
             )
