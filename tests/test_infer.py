@@ -495,3 +495,5 @@ def test_an_eval_suite_names_what_is_wrong_before_answering(exported, bert_embed
     ):
         run_suite(read_suite(str(path)), exported["export"], str(tmp_path / "o"), "cpu")
     assert not (tmp_path / "o" / "clothoaqa.json").exists()
+    with pytest.raises(UsageError, match="--tagger: .* has no soft prompt, so no use for a tagger"):
+        run_suite(read_suite(str(path)), exported["export"], str(tmp_path / "o"), "cpu", tagger=str(tmp_path))

@@ -450,6 +450,8 @@ def test_every_number_is_checked_before_the_model_loads(served, tmp_path, capsys
         (["--device", "mps"], "--device mps: only cpu and cuda[:N]"),
         (["--device", "cpu", "--dtype", "fp16"], "--dtype fp16 runs on a GPU only"),
         (["--llm", str(tmp_path / "gone")], "is not a folder"),
+        (["--tagger", str(tmp_path / "gone")], "is not a folder (the export's tagger"),
+        (["--tagger", str(tmp_path)], "has no soft prompt, so no use for a tagger"),
     ]:
         assert main(["serve", "--model", export, *flags]) == 2, flags
         assert message in capsys.readouterr().err, flags
