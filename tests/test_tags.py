@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sysconfig
 
@@ -18,7 +19,7 @@ from gama_ds.cli import main
 from gama_ds.data.collate import Collator
 from gama_ds.data.plan import EpochPlan
 from gama_ds.data.shards import ShardError, iter_samples, read_index, sha256_file, verify
-from gama_ds.data.stream import Reader, StreamConfig, StreamLoader, TrainStream, open_sets
+from gama_ds.data.stream import Reader, StreamConfig, StreamError, StreamLoader, TrainStream, open_sets
 from gama_ds.data.tokenizer import byte_tokenizer
 from gama_ds.synth import synthesize
 from gama_ds.tags import Tagger
@@ -109,9 +110,10 @@ def test_scores_activation_and_description(tagger, tiny_tagger, tmp_path):
     assert cut == all_tags[:2]
 
 
-def stream_examples(root: str) -> list:
-    """Every example as the training stream's reader makes it, in the epoch's order."""
-    sets = open_sets([(root, 1.0)])
+def stream_examples(root: str, sets=None) -> list:
+    """Every example as the training stream's reader makes it, in the epoch's order; `sets`:
+    the index as a run read it when it started (default: now)."""
+    sets = sets or open_sets([(root, 1.0)])
     cfg = StreamConfig(micro_batch=4)
     plan = EpochPlan(sets, cfg, 0)
     reader = Reader(sets, cfg, 0)
@@ -168,12 +170,29 @@ def test_gama_ds_tag_adds_and_replaces_tags_without_touching_the_features(
     assert open(f"{root}/index.json", "rb").read() == index_bytes
     assert verify(root)[0] == [] and set_tags(root) == tags
 
-    # Re-tagging replaces: a new generation of files, the old ones gone, the tars untouched.
+    # Re-tagging replaces: a new generation of files in force, the tars untouched; the files of
+    # the tagging it replaced stay, so a run that started on them reads the tags it started with.
+    started = open_sets([(root, 1.0)])
     assert main(["tag", root, "--tagger", tiny_tagger, "--top-k", "1", *QUIET]) == 0
-    second = sorted(n for n in os.listdir(root) if ".tags." in n)
+    second = sorted(e["tags"]["file"] for e in read_index(root)["shards"])
     assert len(first) == len(second) == 3 and not set(first) & set(second)
+    assert sorted(n for n in os.listdir(root) if ".tags." in n) == sorted(first + second)
     assert set_tags(root) == {k: v[:1] for k, v in tags.items()}
     assert tar_digests(root) == tars and verify(root)[0] == []
+    old = stream_examples(root, started)
+    assert old and all(e.tags == tags[e.key.split("/")[-1].split("#")[0]] for e in old)
+    # A tagging after that removes them: that run stops, naming the shard, though bad samples
+    # are skipped (dropping a whole shard's examples is no skip); the set itself is whole.
+    assert main(["tag", root, "--tagger", tiny_tagger, "--top-k", "1", *QUIET]) == 0
+    assert not set(first) & set(os.listdir(root))
+    skipping = StreamConfig(micro_batch=4, on_bad_sample="skip")
+    reader = Reader(started, skipping, 0)
+    with pytest.raises(
+        StreamError, match=re.escape(started[0].name) + r": shard-\d{6}\.tar: its tags .* unreadable"
+    ):
+        reader.example(EpochPlan(started, skipping, 0).refs(0, 1)[0])
+    reader.close()
+    assert verify(root)[0] == [] and set_tags(root) == {k: v[:1] for k, v in tags.items()}
 
     # A changed tag file is named by shard, in verify, iter_samples and the stream.
     entry = read_index(root)["shards"][1]
@@ -185,8 +204,10 @@ def test_gama_ds_tag_adds_and_replaces_tags_without_touching_the_features(
     assert problems and all(entry["file"] in p for p in problems)
     with pytest.raises(ShardError, match=entry["file"]):
         list(iter_samples(os.path.join(root, entry["file"])))
-    with pytest.raises(ShardError, match=entry["file"]):
+    with pytest.raises(StreamError, match=entry["file"]):
         stream_examples(root)
+    # A run without a soft prompt never reads tags: the damaged file does not touch its stream.
+    assert stream_keys_and_digest(root) == (keys_before, digest_before)
 
 
 def test_bad_tagging_options_are_one_line_errors_before_anything_loads(tmp_path, tiny_tagger, capsys):
@@ -238,3 +259,33 @@ def test_convert_with_a_tagger_gives_the_tags_of_convert_then_tag(tmp_path, tiny
     convert_synth(tmp_path, "at_once", "--tagger", tiny_tagger, "--top-k", "1")
     assert read_index(at_once)["provenance"]["tagger"]["generation"] == 2
     assert all(len(t) == 1 for t in set_tags(at_once).values())
+
+
+def test_a_resumed_soft_prompt_run_refuses_shards_tagged_since_by_another_model(tmp_path, tiny_tagger):
+    from gama_ds.config import ConfigError, load_recipe
+    from gama_ds.train.preflight import RUN_FILE, preflight
+
+    root = convert_synth(tmp_path, "set", "--tagger", tiny_tagger)
+    out = tmp_path / "run"
+    overrides = [f"data.train=[{{path: {root}}}]", f"train.output_dir={out}", "model.soft_prompt={tokens: 1}"]
+    recipe = load_recipe("tiny", overrides)
+    started = preflight(recipe, 1, None, "h").tagger
+    assert started == read_index(root)["provenance"]["tagger"]
+    out.mkdir()
+    (out / RUN_FILE).write_text(json.dumps({"recipe_hash": "h", "tagger": started}))
+    # Tagged again by the same model (the tags it started with): it resumes.
+    assert main(["tag", root, "--tagger", tiny_tagger, *QUIET]) == 0
+    assert preflight(recipe, 1, "auto", "h").tagger["generation"] == 2
+    # By another model: refused before anything starts, naming both.
+    other = str(tmp_path / "other_tagger")
+    shutil.copytree(tiny_tagger, other)
+    config = json.load(open(os.path.join(other, "config.json")))
+    config["id2label"]["0"] = "Human speech"  # another label set: another model
+    json.dump(config, open(os.path.join(other, "config.json"), "w"))
+    assert main(["tag", root, "--tagger", other, *QUIET]) == 0
+    with pytest.raises(
+        ConfigError, match=f"trained on tags from {tiny_tagger}; its shards are now tagged by {other}"
+    ):
+        preflight(recipe, 1, "auto", "h")
+    fresh = load_recipe("tiny", [*overrides, f"train.output_dir={tmp_path / 'new'}"])
+    assert preflight(fresh, 1, None, "h").tagger["path"] == other  # a new run may use them

@@ -35,11 +35,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..config import DataConfig, choices
 from ..errors import GamaDsError
 from ..signals import deaf_to_stop_signals, start_resource_tracker_deaf_to_stop_signals, stop_signals_held
-from . import sample_index
+from . import sample_index, tag_sidecar
 from .collate import IGNORE, Collator, Example
 from .plan import EpochPlan, PlanError, Ref, rng
 from .sample_index import SampleIndexError
-from .shards import ShardError, decode_sample, load_tags, read_index
+from .shards import ShardError, decode_sample, read_index
 
 log = logging.getLogger(__name__)
 BAD_SAMPLE_POLICIES = choices(DataConfig, "on_bad_sample")
@@ -157,8 +157,16 @@ class Reader:
     """Reads the examples of refs for one worker: sample indexes, open files and the last few
     decoded clips are kept. Bad samples raise under `fail` and come back as None under `skip`."""
 
-    def __init__(self, sets: list[ShardSet], cfg: StreamConfig, epoch: int, keep_clips: int = 32):
+    def __init__(
+        self,
+        sets: list[ShardSet],
+        cfg: StreamConfig,
+        epoch: int,
+        keep_clips: int = 32,
+        with_tags: bool = True,
+    ):
         self.sets, self.cfg, self.epoch = sets, cfg, epoch
+        self.with_tags = with_tags  # False: tag files are never opened, and every Example.tags is None
         self.indexes: OrderedDict = OrderedDict()
         self.files: OrderedDict = OrderedDict()
         self.clips: OrderedDict = OrderedDict()
@@ -195,10 +203,24 @@ class Reader:
         return self.indexes[key]
 
     def tags(self, si: int, shard: int, sample: int, key: str) -> list | None:
-        """The clip's tags from its shard's tag file (None: the set is not tagged)."""
+        """The clip's tags from its shard's tag file (None: the set is not tagged, or the run
+        needs no tags).
+
+        A tag file that is gone or changed is not a bad sample but a changed data set: it ends
+        the run whatever `on_bad_sample` says, since skipping would drop a whole shard."""
+        if not self.with_tags:
+            return None
         at = (si, shard)
         if at not in self.tag_lists:
-            self.tag_lists[at] = load_tags(self.sets[si].root, self.sets[si].shards[shard])
+            try:
+                self.tag_lists[at] = tag_sidecar.load(self.sets[si].root, self.sets[si].shards[shard])
+            except tag_sidecar.TagsError as err:
+                raise StreamError(
+                    f"{self.names[si]}: {err}. The run reads the tags its index named when it started; "
+                    "`gama-ds tag` keeps the files of the tagging before the current one, so the set was "
+                    "tagged twice since, or the file was damaged: resume the run to read the current tags "
+                    "(`gama-ds verify` checks them)"
+                ) from None
             if len(self.tag_lists) > 4 * self.cfg.lanes * len(self.sets):
                 self.tag_lists.popitem(last=False)
         self.tag_lists.move_to_end(at)
@@ -346,7 +368,9 @@ class TrainStream(IterableDataset):
                 "this stream was planned for DataLoader workers; iterate it through StreamLoader"
             )
         plan = self.plan(self.epoch)
-        reader = Reader(self.sets, self.cfg, self.epoch)
+        # Tags are read only for a prompt that holds them: a run without a soft prompt never
+        # depends on tag files, so tagging its shards while it trains cannot disturb it.
+        reader = Reader(self.sets, self.cfg, self.epoch, with_tags=self.collator.soft_prompt is not None)
         # The DataLoader asks its workers in turn, worker 0 first: after `skip` batches, worker
         # i makes the rank's batches skip + i, skip + i + W, ...
         first = self.skip + (info.id if info is not None else 0)

@@ -1,10 +1,12 @@
 """Tagging a shard set: every clip's features through the tagger, a tag file per shard, the index.
 
 The tars are read, never written. Clips are batched across shard boundaries; a shard's tag file
-is written once its last clip is tagged. `gama-ds tag` writes the new tag files under a new
-generation number, then the index (atomically), then removes the previous tag files: a run that
-stops anywhere leaves the previous tagging (or none) in force, and the next run removes what it
-left behind.
+is written once its last clip is tagged. `gama-ds tag` first removes the tag files the index
+does not name (the tagging before the current one, and what a stopped tagging left), then writes
+the new tag files under a new generation number, then the index (atomically). A tagging that
+stops anywhere leaves the current one in force; the one it replaces keeps its files until the
+next tagging, so a training run that started on them keeps reading them (it reads the tag files
+its index named when it started).
 """
 
 from __future__ import annotations
@@ -102,14 +104,13 @@ def tag_set(
     previous = index.get("provenance", {}).get("tagger") or {}
     generation = previous.get("generation", 0) + 1
     in_force = {e["tags"]["file"] for e in index["shards"] if "tags" in e}
-    # Left by a tagging that stopped before its index was written.
+    # The tagging before the current one, and what a tagging that stopped before its index left.
     strays = [n for n in os.listdir(root) if tag_sidecar.PATTERN.match(n.removesuffix(".tmp"))]
     _remove(root, [n for n in strays if n not in in_force])
     shards = tag_entries(root, index["shards"], tagger, options, generation, threads, progress)
     index["shards"] = shards
     index.setdefault("provenance", {})["tagger"] = provenance(tagger, options, generation)
-    write_index(root, index)
-    _remove(root, sorted(in_force))
+    write_index(root, index)  # the files in force until now stay, for runs reading them
     clips = index["totals"]["samples"]
     log(f"{root}: {clips} clips in {len(shards)} shard(s) tagged (generation {generation})")
     return index

@@ -166,6 +166,22 @@ def check_output_dir(recipe: Recipe, resume: str | None, recipe_hash: str) -> No
             )
 
 
+def check_resumed_tagger(recipe: Recipe, resume: str | None, tagger: dict | None) -> None:
+    """A resumed soft-prompt run goes on with tags from the tagger it started with: shards
+    re-tagged since by another model would change its prompts half-way through."""
+    run_file = os.path.join(recipe.train.output_dir, RUN_FILE)
+    if resume is None or tagger is None or not os.path.exists(run_file):
+        return
+    with open(run_file, encoding="utf-8") as f:
+        started = json.load(f).get("tagger") or {}
+    if started.get("fingerprint") not in (None, tagger.get("fingerprint")):
+        raise ConfigError(
+            f"train.output_dir {recipe.train.output_dir} was trained on tags from {started.get('path')}; "
+            f"its shards are now tagged by {tagger.get('path')}, another model (fingerprints differ): tag "
+            "them again with the run's tagger to resume, or start a new run"
+        )
+
+
 def preflight(recipe: Recipe, world_size: int, resume: str | None, recipe_hash: str) -> Plan:
     recipe.check()
     if recipe.deepspeed.offload and recipe.deepspeed.zero_stage != 3:
@@ -192,5 +208,6 @@ def preflight(recipe: Recipe, world_size: int, resume: str | None, recipe_hash: 
     check_shards(recipe, world_size)
     tagger = check_tags(recipe)
     check_output_dir(recipe, resume, recipe_hash)
+    check_resumed_tagger(recipe, resume, tagger)
     ds_config = resolve_ds_config(recipe, world_size)
     return Plan(precision, accumulation, source, tokenizer, ds_config, tagger)
