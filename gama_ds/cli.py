@@ -352,13 +352,15 @@ def _generate(args) -> int:
     if bool(args.audio) == bool(args.input) or bool(args.audio) != bool(args.question):
         raise UsageError("give either --audio FILE --question TEXT, or --input JSON")
     placement = _placement(args)
-    model, tokenizer, info = _load_export(args, placement)
-    soft = soft_prompt_settings(info)
+    recorded = _export_info(args.model)
+    soft = soft_prompt_settings(recorded)
     tagger = None
     if soft is not None:  # its prompts hold each clip's tags: the training clips' tagger makes them
-        tagger = export_tagger(args.model, info, args.tagger, placement[0])
+        # (first: a moved or wrong tagger is named before the model loads, minutes for a 7B one)
+        tagger = export_tagger(args.model, recorded, args.tagger, placement[0])
     elif args.tagger:
         raise UsageError(f"--tagger: {args.model} has no soft prompt, so no use for a tagger")
+    model, tokenizer, info = _load_export(args, placement)
     defaults = export_generation(info, os.path.join(args.model, INFO))
     max_new_tokens = defaults.pop("max_new_tokens")
     max_new_tokens = args.max_new_tokens or max_new_tokens
@@ -418,13 +420,19 @@ def _placement(args):
     return device, choose_dtype(args.dtype, device)
 
 
-def _load_export(args, placement):
-    from .exported import is_export, load_export
+def _export_info(path: str) -> dict:
+    """The export's gama_ds.json; a folder that is not an export is named."""
+    from .exported import is_export, read_info
 
-    if not is_export(args.model):
-        raise UsageError(
-            f"--model {args.model} is not a gama-ds export (made by `gama-ds export RUN --out DIR`)"
-        )
+    if not is_export(path):
+        raise UsageError(f"--model {path} is not a gama-ds export (made by `gama-ds export RUN --out DIR`)")
+    return read_info(path)
+
+
+def _load_export(args, placement):
+    from .exported import load_export
+
+    _export_info(args.model)
     return load_export(args.model, *placement, llm=args.llm)
 
 
@@ -572,7 +580,6 @@ def _eval_suite(args) -> int:
     from .evaluate.suite import read_suite
     from .evaluate.suite_run import run_suite
     from .evaluate.table import format_table
-    from .exported import is_export
 
     given = [flag for flag, value in (("--shards", args.shards), ("--metric", args.metric),
              ("--embedder", args.embedder), ("--labels", args.labels)) if value]  # fmt: skip
@@ -589,10 +596,7 @@ def _eval_suite(args) -> int:
         raise UsageError("--suite needs --out DIR for the result rows and the report")
     suite = read_suite(args.suite)
     _placement(args)  # checked before any process group or model
-    if not is_export(args.model):
-        raise UsageError(
-            f"--model {args.model} is not a gama-ds export (made by `gama-ds export RUN --out DIR`)"
-        )
+    _export_info(args.model)
     report = run_suite(suite, args.model, args.out, args.device, args.dtype, args.llm, args.tagger, log=_log)
     if report is not None:
         print(json.dumps(report) if args.json else format_table(report))

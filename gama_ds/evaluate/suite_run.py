@@ -45,21 +45,21 @@ def run_suite(
 ) -> dict | None:
     """The report on rank 0 (also written to OUT/report.json); None on the other ranks. `tagger`:
     a copy of a soft-prompt export's tagger, for one moved from where the export names it."""
-    from ..exported import export_tagger, load_export, soft_prompt_settings
+    from ..exported import export_tagger, load_export, read_info, soft_prompt_settings
     from ..placement import choose_dtype
 
+    recorded = read_info(model_path)
+    soft = soft_prompt_settings(recorded)
+    if soft is None and tagger:
+        raise UsageError(f"--tagger: {model_path} has no soft prompt, so no use for a tagger")
     ranks = Ranks(suite.timeout_s)
     try:
         device = _rank_device(device, ranks.local_rank)
         dtype = choose_dtype(dtype, device)
+        tagging = None
+        if soft is not None:  # first: a moved or wrong tagger is named before the model loads (minutes)
+            tagging = Tagging(soft, export_tagger(model_path, recorded, tagger, device))
         model, tokenizer, info = load_export(model_path, device, dtype, llm)
-        soft = soft_prompt_settings(info)
-        if soft is not None:
-            tagging = Tagging(soft, export_tagger(model_path, info, tagger, device))
-        elif tagger:
-            raise UsageError(f"--tagger: {model_path} has no soft prompt, so no use for a tagger")
-        else:
-            tagging = None
         settings = generation_settings(info, suite)
         template = info["prompt"]["template"]
         base_stamp = {

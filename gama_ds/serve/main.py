@@ -27,12 +27,13 @@ def serve(options: ServeOptions) -> int:
         # reference's: checked, as the options are, before the model loads.
         sampling = export_generation(recorded := json.load(f), info_path)
     max_new_tokens = sampling.pop("max_new_tokens")
-    if options.tagger and soft_prompt_settings(recorded) is None:
+    soft = soft_prompt_settings(recorded)
+    if options.tagger and soft is None:
         raise UsageError(f"--tagger: {options.model} has no soft prompt, so no use for a tagger")
+    # With a soft prompt, each clip's tags come from the tagger its training clips were tagged by
+    # (loaded first: a moved or wrong one is named before the model loads, minutes for a 7B one).
+    tagger = export_tagger(options.model, recorded, options.tagger, device) if soft is not None else None
     model, tokenizer, info = load_export(options.model, device, dtype, llm=options.llm)
-    soft = soft_prompt_settings(info)
-    # With a soft prompt, each clip's tags come from the tagger its training clips were tagged by.
-    tagger = export_tagger(options.model, info, options.tagger, device) if soft is not None else None
     ensure_pad_token(tokenizer)  # a Llama tokenizer has none; padding is masked
     template = info["prompt"]["template"]
     batcher = Batcher(model, tokenizer, template, options.max_batch, options.batch_wait_ms, soft, tagger)
