@@ -20,6 +20,9 @@ The checks, all on the tiny recipe and synthetic shards (no downloads):
   mfu           the trainer's metrics carry an MFU (on CPU against GAMA_DS_PEAK_TFLOPS=1)
   tags          `gama-ds tag` with a tiny AST tagger on the device's defaults gives the scores
                 of an fp32 CPU tagging of the same shards, and the set verifies
+  soft          a soft-prompt ZeRO-3 run on those tagged shards, exported: `gama-ds generate` and
+                `gama-ds eval --suite` with the default flags run its tagger on a raw clip and
+                give the same tags and greedy answer; the hint's embeddings moved in training
 Exit status 1 if any check fails. Where it runs on a GPU, its lines go into docs/BENCHMARKS.md
 with the device and the date.
 """
@@ -440,7 +443,83 @@ def check_tags(setup: Setup):
     return ("PASS" if ok else "FAIL"), figures
 
 
-# In this order: no-build looks at what the trainer runs left, export and mfu use the ZeRO-2 run.
+@check("soft")
+def check_soft(setup: Setup):
+    """A soft-prompt ZeRO-3 run on the device's tagged shards, exported; `gama-ds generate` and
+    `gama-ds eval --suite` with the device's default flags run the export's tagger on a raw clip
+    and give the same tags and greedy answer, and the hint's embeddings moved in training."""
+    from gama_ds.data.soft_prompt import init_ids
+    from gama_ds.exported import load_export, soft_prompt_settings
+    from gama_ds.train.export import export
+
+    tagged = os.path.join(setup.work, "tagged-device")
+    if not os.path.isdir(tagged):
+        return "SKIP", "no tagged shards (the tags check did not run)"
+    run, out = os.path.join(setup.work, "soft"), os.path.join(setup.work, "soft-export")
+    soft = "model.soft_prompt={tokens: 2, template: 'By <hint>: {tags}', top_k: 2, threshold: 0.0}"
+    started = time.perf_counter()
+    # the byte tokenizer: a short sentence and room for it (the tiny recipe's cutoff is 108)
+    # and the hint at 10x the tiny recipe's rate, so 4 warm-up steps move it well past rounding
+    extra = [
+        f"data.train=[{{path: {tagged}}}]",
+        soft,
+        "data.cutoff_len=200",
+        "optim.group_lr={soft_prompt: 1.0e-2}",
+    ]
+    result = run_trainer(setup, trainer(setup, run, 3, extra))
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's converter talks on stdout
+        export(run, out)
+    # The hint left its init rule's rows (the frozen LLM's embeddings of "the audio tagger").
+    model, tokenizer, info = load_export(out, "cpu", torch.float32)
+    start = model.llm.get_input_embeddings().weight[init_ids(tokenizer, soft_prompt_settings(info))]
+    moved = (model.soft_prompt.weight - start).abs().max().item()
+    del model
+    clip = os.path.join(setup.shards, "audio")
+    clip = next(os.path.join(dp, f) for dp, _, fs in os.walk(clip) for f in sorted(fs) if f.endswith(".wav"))
+    flags = [] if setup.cuda else ["--device", "cpu"]
+    answers = os.path.join(setup.work, "soft-answers.jsonl")
+    done = subprocess.run(
+        [sys.executable, "-m", "gama_ds", "generate", "--model", out, "--audio", clip, "--question",
+         "What do you hear?", "--greedy", "--max-new-tokens", "8", "--out", answers, *flags],
+        capture_output=True, text=True, timeout=600, env=trainer_env(setup),
+    )  # fmt: skip
+    if done.returncode != 0:
+        return "FAIL", f"gama-ds generate exited {done.returncode}: {done.stderr.strip()[-300:]}"
+    with open(answers, encoding="utf-8") as f:
+        (row,) = [json.loads(line) for line in f]
+    suite, rows = os.path.join(setup.work, "soft-suite.yaml"), os.path.join(setup.work, "soft-eval.json")
+    with open(rows, "w", encoding="utf-8") as f:
+        json.dump([{"audio_id": clip, "instruction": "What do you hear?", "output": "-"}], f)
+    with open(suite, "w", encoding="utf-8") as f:  # greedy as generate --greedy: no repetition penalty
+        f.write("batch_size: 1\ngeneration: {do_sample: false, repetition_penalty: 1.0, max_new_tokens: 8}\n")
+        f.write(f"datasets: [{{dataset: clothoaqa, eval: {rows}}}]\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "gama_ds", "eval", "--model", out, "--suite", suite, "--out",
+         os.path.join(setup.work, "soft-suite"), "--json", *flags],
+        capture_output=True, text=True, timeout=600, env=trainer_env(setup),
+    )  # fmt: skip
+    if done.returncode != 0:
+        return "FAIL", f"gama-ds eval --suite exited {done.returncode}: {done.stderr.strip()[-300:]}"
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    with open(report["sets"][0]["results"], encoding="utf-8") as f:
+        (suite_row,) = json.load(f)
+    ok = (
+        result["step"] == 4
+        and moved > 5e-3
+        and len(row["tags"]) == 2
+        and (suite_row["pred"], suite_row["tags"]) == (row["answer"], row["tags"])
+        and report["tagger"]["device"] == setup.device.type
+    )
+    return ("PASS" if ok else "FAIL"), (
+        f"ZeRO-3 {setup.precision}, hint moved by up to {moved:.1e} (> 5e-3); tags "
+        f"{[t[0] for t in row['tags']]} on {report['tagger']['device']} {report['tagger']['dtype']}; "
+        f"generate and eval --suite agree: {suite_row['pred'] == row['answer']}; "
+        f"{time.perf_counter() - started:.1f} s"
+    )
+
+
+# In this order: no-build looks at what the trainer runs left, export and mfu use the ZeRO-2 run,
+# soft the tags check's tagged shards.
 CHECKS = {
     "attention": check_attention,
     "checkpointing": check_checkpointing,
@@ -453,6 +532,7 @@ CHECKS = {
     "suite": check_suite,
     "mfu": check_mfu,
     "tags": check_tags,
+    "soft": check_soft,
 }
 
 
