@@ -119,8 +119,8 @@ def export_tagger(path: str, info: dict, folder: str | None = None, device=None)
     ran then (its activation and dtype), on `device`."""
     from .model.llm_folder import fingerprint
 
-    recorded = info.get("tagger")
-    if not recorded:
+    recorded = info.get("tagger") or {}
+    if not recorded and not folder:
         raise WeightsError(f"{path}: it has a soft prompt but names no tagger; give one with --tagger DIR")
     where = folder or recorded["path"]
     if not os.path.isfile(os.path.join(where, "config.json")):

@@ -356,6 +356,27 @@ def suite_on_audio(folder, root, row: dict, soft, tagger, tmp_path) -> None:
     assert results[1]["tags"] == [list(t) for t in expected]
     again = run_suite(suite, str(folder), str(out), "cpu", "fp32")
     assert again["sets"][0]["kept"] == 2 and json.load(open(out / "clothoaqa.json")) == results
+    # An export that names no tagger takes one from --tagger; answers one tagger's tags made are
+    # never kept for another's.
+    from gama_ds.errors import WeightsError
+
+    bare = shutil.copytree(folder, tmp_path / "bare")
+    info = json.load(open(bare / "gama_ds.json"))
+    del info["tagger"]
+    json.dump(info, open(bare / "gama_ds.json", "w"))
+    with pytest.raises(WeightsError, match="names no tagger; give one with --tagger DIR"):
+        run_suite(suite, str(bare), str(tmp_path / "bare-out"), "cpu", "fp32")
+    relabelled = shutil.copytree(tagger["path"], tmp_path / "relabelled")
+    config = json.load(open(relabelled / "config.json"))
+    config["id2label"] = {k: f"{v} (relabelled)" for k, v in config["id2label"].items()}
+    json.dump(config, open(relabelled / "config.json", "w"))
+    for used in (copy, relabelled):
+        report = run_suite(suite, str(bare), str(tmp_path / "bare-out"), "cpu", "fp32", None, str(used))
+        assert report["sets"][0]["generated"] == 2 and report["sets"][0]["kept"] == 0
+    assert all(
+        label.endswith("(relabelled)")
+        for label, _ in json.load(open(report["sets"][0]["results"]))[0]["tags"]
+    )
 
 
 def ask_server(server, port: int, wav: str, question: str, log):

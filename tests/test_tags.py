@@ -263,6 +263,7 @@ def test_convert_with_a_tagger_gives_the_tags_of_convert_then_tag(tmp_path, tiny
 
 def test_a_resumed_soft_prompt_run_refuses_shards_tagged_since_by_another_model(tmp_path, tiny_tagger):
     from gama_ds.config import ConfigError, load_recipe
+    from gama_ds.train.checkpoint import COMPLETE
     from gama_ds.train.preflight import RUN_FILE, preflight
 
     root = convert_synth(tmp_path, "set", "--tagger", tiny_tagger)
@@ -273,15 +274,21 @@ def test_a_resumed_soft_prompt_run_refuses_shards_tagged_since_by_another_model(
     assert started == read_index(root)["provenance"]["tagger"]
     out.mkdir()
     (out / RUN_FILE).write_text(json.dumps({"recipe_hash": "h", "tagger": started}))
-    # Tagged again by the same model (the tags it started with): it resumes.
-    assert main(["tag", root, "--tagger", tiny_tagger, *QUIET]) == 0
-    assert preflight(recipe, 1, "auto", "h").tagger["generation"] == 2
-    # By another model: refused before anything starts, naming both.
+    # Re-tagged by another model before the run saved anything: it starts again on those tags.
     other = str(tmp_path / "other_tagger")
     shutil.copytree(tiny_tagger, other)
     config = json.load(open(os.path.join(other, "config.json")))
     config["id2label"]["0"] = "Human speech"  # another label set: another model
     json.dump(config, open(os.path.join(other, "config.json"), "w"))
+    assert main(["tag", root, "--tagger", other, *QUIET]) == 0
+    assert preflight(recipe, 1, "auto", "h").tagger["path"] == other
+    saved = out / "checkpoints" / "step-00000002"  # from here on there is a checkpoint to resume
+    saved.mkdir(parents=True)
+    (saved / COMPLETE).write_text("")
+    # Tagged again by the same model (the tags it started with): it resumes.
+    assert main(["tag", root, "--tagger", tiny_tagger, *QUIET]) == 0
+    assert preflight(recipe, 1, "auto", "h").tagger["generation"] == 3
+    # By another model: refused before anything starts, naming both.
     assert main(["tag", root, "--tagger", other, *QUIET]) == 0
     with pytest.raises(
         ConfigError, match=f"trained on tags from {tiny_tagger}; its shards are now tagged by {other}"

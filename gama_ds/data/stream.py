@@ -228,9 +228,10 @@ class Reader:
         if tagged is None:
             return None
         keys, tags = tagged
-        if keys[sample] != key:
-            raise ShardError(
-                f"{self._where(si, shard)}: sample {key!r} (#{sample}) is not its tags' #{sample}"
+        if keys[sample] != key:  # a whole shard out of line: never a skipped sample
+            raise StreamError(
+                f"{self._where(si, shard)}: sample {key!r} (#{sample}) is not its tags' #{sample} "
+                f"({keys[sample]!r}); `gama-ds verify` checks the set"
             )
         return tags[sample]
 

@@ -4,9 +4,9 @@ Each rank answers a slice of every set and appends each batch's answers to its o
 (`OUT/parts/<set>-<stamp>/rank<r>.jsonl`), so a run that dies keeps what it generated: run the
 same command again and only the missing rows are generated, on any number of ranks. The stamp
 hashes everything the answers depend on (export, precision, prompt, generation settings, eval
-file, audio paths, seed), so answers of another model or setting are never reused. Rank 0
-gathers the answers, writes LTU-format rows per set (`OUT/<set>.json`) and scores them with
-`gama-ds score`'s rules.
+file, audio paths, seed, the tagger of a soft prompt), so answers of another model or setting
+are never reused. Rank 0 gathers the answers, writes LTU-format rows per set (`OUT/<set>.json`)
+and scores them with `gama-ds score`'s rules.
 
 An export with a soft prompt needs each clip's tags in its prompt: every rank runs the export's
 tagger (the one its training clips were tagged with, checked by fingerprint) on each batch's
@@ -69,6 +69,8 @@ def run_suite(
             "generation": settings,
             "template": template,
             "seed": suite.seed,
+            # what decides the tags in the prompts (not where the tagger lies, nor its device)
+            "tagger": None if tagging is None else tagging.stamp(),
         }
         os.makedirs(out, exist_ok=True)
         produced = []
@@ -177,6 +179,10 @@ class Tagging:
 
     def __init__(self, soft, tagger):
         self.soft, self.tagger = soft, tagger
+
+    def stamp(self) -> dict:
+        described = self.tagger.describe()
+        return {k: described[k] for k in ("fingerprint", "activation", "dtype")}
 
     def described(self) -> dict:
         """The tagger for the report, its label list left out (527 names for AudioSet)."""

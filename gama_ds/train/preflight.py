@@ -168,10 +168,15 @@ def check_output_dir(recipe: Recipe, resume: str | None, recipe_hash: str) -> No
 
 def check_resumed_tagger(recipe: Recipe, resume: str | None, tagger: dict | None) -> None:
     """A resumed soft-prompt run goes on with tags from the tagger it started with: shards
-    re-tagged since by another model would change its prompts half-way through."""
-    run_file = os.path.join(recipe.train.output_dir, RUN_FILE)
+    re-tagged since by another model would change its prompts half-way through. (The same model
+    at a stricter top_k or threshold is caught by check_tags; at a looser one the recipe's own
+    top_k and threshold pick the same tags.)"""
+    out = recipe.train.output_dir
+    run_file = os.path.join(out, RUN_FILE)
     if resume is None or tagger is None or not os.path.exists(run_file):
         return
+    if not complete_tags(os.path.join(out, "checkpoints")):
+        return  # nothing saved yet: the run starts again from step 0 on the tags there are now
     with open(run_file, encoding="utf-8") as f:
         started = json.load(f).get("tagger") or {}
     if started.get("fingerprint") not in (None, tagger.get("fingerprint")):
