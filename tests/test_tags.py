@@ -3,6 +3,7 @@ the tags as iter_samples and the training stream read them."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -23,6 +24,7 @@ from gama_ds.data.stream import Reader, StreamConfig, StreamError, StreamLoader,
 from gama_ds.data.tokenizer import byte_tokenizer
 from gama_ds.synth import synthesize
 from gama_ds.tags import Tagger
+from gama_ds.tags.tag_set import write_index
 
 # A real recording shipped with CPython itself (its test suite's plucked string: 11.025 kHz,
 # stereo, 0.3 s); a synthesised file stands in where an interpreter was installed without it.
@@ -208,6 +210,20 @@ def test_gama_ds_tag_adds_and_replaces_tags_without_touching_the_features(
         stream_examples(root)
     # A run without a soft prompt never reads tags: the damaged file does not touch its stream.
     assert stream_keys_and_digest(root) == (keys_before, digest_before)
+    # A tag file whose clips are out of line with its shard's (its sha256 in the index, so it
+    # reads) ends a run that skips bad samples too: a whole shard would go.
+    doc["keys"][0], doc["keys"][1] = doc["keys"][1], doc["keys"][0]
+    data = json.dumps(doc).encode()
+    open(path, "wb").write(data)
+    index = read_index(root)
+    index["shards"][1]["tags"]["sha256"] = hashlib.sha256(data).hexdigest()
+    write_index(root, index)
+    sets, skipping = open_sets([(root, 1.0)]), StreamConfig(micro_batch=4, on_bad_sample="skip")
+    reader = Reader(sets, skipping, 0)
+    with pytest.raises(StreamError, match=f"{entry['file']}: sample .* is not its tags' #"):
+        plan = EpochPlan(sets, skipping, 0)
+        [reader.example(r) for r in plan.refs(0, plan.examples)]
+    reader.close()
 
 
 def test_bad_tagging_options_are_one_line_errors_before_anything_loads(tmp_path, tiny_tagger, capsys):
