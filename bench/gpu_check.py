@@ -225,11 +225,27 @@ def trainer(setup: Setup, out: str, zero: int, extra=(), steps: int = 4) -> list
 
 
 def run_trainer(setup: Setup, args: list[str]) -> dict:
-    done = subprocess.run(args, env=trainer_env(setup), capture_output=True, text=True, timeout=600)
+    """A `trainer` command line run to its end; its result line."""
+    return last_json(gama_ds(setup, *args[3:]))  # after `python -m gama_ds`
+
+
+def gama_ds(setup: Setup, *args: str) -> str:
+    """`python -m gama_ds ARGS` in the trainer's environment; its stdout, or a one-line error."""
+    done = subprocess.run(
+        [sys.executable, "-m", "gama_ds", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=trainer_env(setup),
+    )
     if done.returncode != 0:
-        tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise RuntimeError(f"trainer exited {done.returncode}: {tail}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1][-300:]
+        raise RuntimeError(f"gama-ds {args[0]} exited {done.returncode}: {tail}")
+    return done.stdout
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def losses(out: str) -> dict[int, float]:
@@ -335,14 +351,8 @@ def check_export(setup: Setup):
                       info["prompt"]["template"], max_new_tokens=8, do_sample=False)[0]  # fmt: skip
     seconds = time.perf_counter() - started
     flags = [] if setup.cuda else ["--device", "cpu"]  # on a GPU: the defaults must pick it, in bf16
-    done = subprocess.run(
-        [sys.executable, "-m", "gama_ds", "eval", "--model", out, "--shards", shards, "--metric", "loss",
-         "exact", "--max-new-tokens", "4", "--batch-size", "4", "--json", *flags],
-        capture_output=True, text=True, timeout=600, env=trainer_env(setup),
-    )  # fmt: skip
-    if done.returncode != 0:
-        return "FAIL", f"gama-ds eval exited {done.returncode}: {done.stderr.strip()[-300:]}"
-    cli = json.loads(done.stdout.strip().splitlines()[-1])
+    cli = last_json(gama_ds(setup, "eval", "--model", out, "--shards", shards, "--metric", "loss", "exact",
+                            "--max-new-tokens", "4", "--batch-size", "4", "--json", *flags))  # fmt: skip
     wanted = (str(setup.device), str(setup.dtype).removeprefix("torch."))
     ok = (
         result["loss"] == result["loss"]
@@ -372,14 +382,8 @@ def check_suite(setup: Setup):
         f.write(f"datasets: [{{dataset: clothoaqa, name: held-out, eval: {test}}}]\n")
     flags = [] if setup.cuda else ["--device", "cpu"]
     started = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-m", "gama_ds", "eval", "--model", out, "--suite", suite, "--out",
-         os.path.join(setup.work, "suite"), "--json", *flags],
-        capture_output=True, text=True, timeout=600, env=trainer_env(setup),
-    )  # fmt: skip
-    if done.returncode != 0:
-        return "FAIL", f"gama-ds eval --suite exited {done.returncode}: {done.stderr.strip()[-300:]}"
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = last_json(gama_ds(setup, "eval", "--model", out, "--suite", suite, "--out",
+                               os.path.join(setup.work, "suite"), "--json", *flags))  # fmt: skip
     held_out = report["sets"][0]
     wanted = (str(setup.device) if not setup.cuda else "cuda:0", str(setup.dtype).removeprefix("torch."))
     ok = (report["device"], report["dtype"]) == wanted and held_out["generated"] == held_out["rows"] > 0
@@ -420,13 +424,8 @@ def check_tags(setup: Setup):
     for where, flags in (("device", [] if setup.cuda else ["--device", "cpu"]), ("cpu", ["--device", "cpu"])):
         root = os.path.join(setup.work, f"tagged-{where}")
         shutil.copytree(os.path.join(setup.shards, "train"), root, dirs_exist_ok=True)
-        done = subprocess.run(
-            [sys.executable, "-m", "gama_ds", "tag", root, "--tagger", tagger, "--no-progress",
-             "--top-k", str(len(TAGGER_LABELS)), "--threshold", "0", *flags],
-            capture_output=True, text=True, timeout=600, env=trainer_env(setup),
-        )  # fmt: skip
-        if done.returncode != 0:
-            return "FAIL", f"gama-ds tag exited {done.returncode}: {done.stderr.strip()[-300:]}"
+        gama_ds(setup, "tag", root, "--tagger", tagger, "--no-progress", "--top-k", str(len(TAGGER_LABELS)),
+                "--threshold", "0", *flags)  # fmt: skip
         problems, _ = verify(root)
         if problems:
             return "FAIL", f"verify after tagging: {problems[0]}"
@@ -482,13 +481,8 @@ def check_soft(setup: Setup):
     clip = next(os.path.join(dp, f) for dp, _, fs in os.walk(clip) for f in sorted(fs) if f.endswith(".wav"))
     flags = [] if setup.cuda else ["--device", "cpu"]
     answers = os.path.join(setup.work, "soft-answers.jsonl")
-    done = subprocess.run(
-        [sys.executable, "-m", "gama_ds", "generate", "--model", out, "--audio", clip, "--question",
-         "What do you hear?", "--greedy", "--max-new-tokens", "8", "--out", answers, *flags],
-        capture_output=True, text=True, timeout=600, env=trainer_env(setup),
-    )  # fmt: skip
-    if done.returncode != 0:
-        return "FAIL", f"gama-ds generate exited {done.returncode}: {done.stderr.strip()[-300:]}"
+    gama_ds(setup, "generate", "--model", out, "--audio", clip, "--question", "What do you hear?", "--greedy",
+            "--max-new-tokens", "8", "--out", answers, *flags)  # fmt: skip
     with open(answers, encoding="utf-8") as f:
         (row,) = [json.loads(line) for line in f]
     suite, rows = os.path.join(setup.work, "soft-suite.yaml"), os.path.join(setup.work, "soft-eval.json")
@@ -497,14 +491,8 @@ def check_soft(setup: Setup):
     with open(suite, "w", encoding="utf-8") as f:  # greedy as generate --greedy: no repetition penalty
         f.write("batch_size: 1\ngeneration: {do_sample: false, repetition_penalty: 1.0, max_new_tokens: 8}\n")
         f.write(f"datasets: [{{dataset: clothoaqa, eval: {rows}}}]\n")
-    done = subprocess.run(
-        [sys.executable, "-m", "gama_ds", "eval", "--model", out, "--suite", suite, "--out",
-         os.path.join(setup.work, "soft-suite"), "--json", *flags],
-        capture_output=True, text=True, timeout=600, env=trainer_env(setup),
-    )  # fmt: skip
-    if done.returncode != 0:
-        return "FAIL", f"gama-ds eval --suite exited {done.returncode}: {done.stderr.strip()[-300:]}"
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = last_json(gama_ds(setup, "eval", "--model", out, "--suite", suite, "--out",
+                               os.path.join(setup.work, "soft-suite"), "--json", *flags))  # fmt: skip
     with open(report["sets"][0]["results"], encoding="utf-8") as f:
         (suite_row,) = json.load(f)
     ok = (

@@ -354,12 +354,9 @@ def _generate(args) -> int:
     placement = _placement(args)
     recorded = _export_info(args.model)
     soft = soft_prompt_settings(recorded)
-    tagger = None
-    if soft is not None:  # its prompts hold each clip's tags: the training clips' tagger makes them
-        # (first: a moved or wrong tagger is named before the model loads, minutes for a 7B one)
-        tagger = export_tagger(args.model, recorded, args.tagger, placement[0])
-    elif args.tagger:
-        raise UsageError(f"--tagger: {args.model} has no soft prompt, so no use for a tagger")
+    # With a soft prompt its prompts hold each clip's tags, which the training clips' tagger makes:
+    # found first, so a moved or wrong one is named before the model loads (minutes for a 7B one).
+    tagger = export_tagger(args.model, recorded, args.tagger, placement[0])
     model, tokenizer, info = _load_export(args, placement)
     defaults = export_generation(info, os.path.join(args.model, INFO))
     max_new_tokens = defaults.pop("max_new_tokens")

@@ -21,7 +21,7 @@ import os
 
 from .config import ModelConfig, from_dict
 from .data.tokenizer import load_tokenizer
-from .errors import WeightsError
+from .errors import UsageError, WeightsError
 from .model.weights import import_reference_path
 
 INFO = "gama_ds.json"
@@ -115,10 +115,15 @@ def load_export(path: str, device=None, dtype=None, llm: str | None = None):
 
 def export_tagger(path: str, info: dict, folder: str | None = None, device=None):
     """The tagger that tagged the training clips of an export with a soft prompt (gama_ds.json's
-    `tagger`), from its recorded folder or `folder` (a copy), checked by fingerprint; run as it
-    ran then (its activation and dtype), on `device`."""
+    `tagger`), from its recorded folder or `folder` (a copy, `--tagger`), checked by fingerprint;
+    run as it ran then (its activation and dtype), on `device`. None for an export without a
+    soft prompt, which has no use for `folder`."""
     from .model.llm_folder import fingerprint
 
+    if soft_prompt_settings(info) is None:
+        if folder:
+            raise UsageError(f"--tagger: {path} has no soft prompt, so no use for a tagger")
+        return None
     recorded = info.get("tagger") or {}
     if not recorded and not folder:
         raise WeightsError(f"{path}: it has a soft prompt but names no tagger; give one with --tagger DIR")

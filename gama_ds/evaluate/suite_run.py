@@ -47,18 +47,17 @@ def run_suite(
     a copy of a soft-prompt export's tagger, for one moved from where the export names it."""
     from ..exported import export_tagger, load_export, read_info, soft_prompt_settings
     from ..placement import choose_dtype
+    from ..train.distributed import dist_env
 
+    # Before any process group: the placement, and a soft prompt's tagger (a moved or wrong one
+    # is named before the model loads, minutes for a 7B one).
+    device = _rank_device(device, dist_env()[2])
+    dtype = choose_dtype(dtype, device)
     recorded = read_info(model_path)
-    soft = soft_prompt_settings(recorded)
-    if soft is None and tagger:
-        raise UsageError(f"--tagger: {model_path} has no soft prompt, so no use for a tagger")
+    found = export_tagger(model_path, recorded, tagger, device)
+    tagging = None if found is None else Tagging(soft_prompt_settings(recorded), found)
     ranks = Ranks(suite.timeout_s)
     try:
-        device = _rank_device(device, ranks.local_rank)
-        dtype = choose_dtype(dtype, device)
-        tagging = None
-        if soft is not None:  # first: a moved or wrong tagger is named before the model loads (minutes)
-            tagging = Tagging(soft, export_tagger(model_path, recorded, tagger, device))
         model, tokenizer, info = load_export(model_path, device, dtype, llm)
         settings = generation_settings(info, suite)
         template = info["prompt"]["template"]

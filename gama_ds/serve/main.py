@@ -7,7 +7,6 @@ import logging
 import os
 import sys
 
-from ..errors import UsageError
 from .options import ServeOptions
 
 
@@ -28,11 +27,9 @@ def serve(options: ServeOptions) -> int:
         sampling = export_generation(recorded := json.load(f), info_path)
     max_new_tokens = sampling.pop("max_new_tokens")
     soft = soft_prompt_settings(recorded)
-    if options.tagger and soft is None:
-        raise UsageError(f"--tagger: {options.model} has no soft prompt, so no use for a tagger")
     # With a soft prompt, each clip's tags come from the tagger its training clips were tagged by
     # (loaded first: a moved or wrong one is named before the model loads, minutes for a 7B one).
-    tagger = export_tagger(options.model, recorded, options.tagger, device) if soft is not None else None
+    tagger = export_tagger(options.model, recorded, options.tagger, device)
     model, tokenizer, info = load_export(options.model, device, dtype, llm=options.llm)
     ensure_pad_token(tokenizer)  # a Llama tokenizer has none; padding is masked
     template = info["prompt"]["template"]
